@@ -1,0 +1,105 @@
+"""Atari torsos for Rainbow (reference.md section 4) and an MLP torso for vector observations.
+
+Input [..., T, 84, 84, C] (grey: C=1), oldest frame first, 0..255. Output [..., 256].
+Initialisers are Flax's defaults (LeCun-normal fan-in, truncated), i.e. Haiku's defaults that
+DQN Zoo's networks use.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flare_jax.encoders.layers import (ConvStack, DenseLayerNorm, check_frames, latent_flow, merge_leading,
+                                       to_unit_float)
+
+Array = jax.Array
+
+
+class _AtariTorso(nn.Module):
+    num_frames: int = 4
+    feature_dim: int = 256
+
+    frame_rank = 3
+    observation = "pixels"
+    min_frames = 1
+
+    def _frames(self, x):
+        if self.num_frames < self.min_frames:
+            raise ValueError(f"{type(self).__name__} needs num_frames >= {self.min_frames}, "
+                             f"got {self.num_frames}")
+        check_frames(x, self.num_frames, type(self).__name__, self.frame_rank)
+        x, lead = merge_leading(x, 4)
+        return to_unit_float(x), lead
+
+    def _conv_stack(self) -> ConvStack:
+        raise NotImplementedError
+
+    def setup(self):
+        self.convs = self._conv_stack()
+        self.projection = DenseLayerNorm(self.feature_dim, kernel_init=nn.initializers.lecun_normal())
+
+    def head(self, h: Array) -> Array:
+        return self.projection(h)
+
+    def __call__(self, x: Array) -> Array:
+        return self.head(self.trunk(x))
+
+
+class AtariFlareTorso(_AtariTorso):
+    """Per-frame conv 16@8x8/4 ReLU, 32@4x4/2 ReLU, 32@3x3/1 (no ReLU) -> 1568 per frame;
+    [z_2..z_4, z_i - sg(z_{i-1})] -> 9408; Dense(256) -> LayerNorm, no activation."""
+    min_frames = 2
+
+    def _conv_stack(self) -> ConvStack:
+        return ConvStack(filters=(16, 32, 32), kernel_sizes=(8, 4, 3), strides=(4, 2, 1),
+                         relu_last=False)
+
+    def trunk(self, x: Array) -> Array:
+        frames, lead = self._frames(x)                         # [N, T, H, W, C]
+        n, t = frames.shape[:2]
+        z = self.convs(frames.reshape((n * t,) + frames.shape[2:]))
+        z = z.reshape(n, t, -1)                                # [N, T, 1568]
+        return latent_flow(z, time_axis=1).reshape(lead + (-1,))
+
+
+class AtariBaselineTorso(_AtariTorso):
+    """Matched baseline: the T-channel stack through conv 16@8x8/4, 32@4x4/2, 192@3x3/1 (all ReLU)
+    -> 7*7*192 = 9408 -> Dense(256) -> LayerNorm."""
+
+    def _conv_stack(self) -> ConvStack:
+        return ConvStack(filters=(16, 32, 32 * 6), kernel_sizes=(8, 4, 3), strides=(4, 2, 1),
+                         relu_last=True)
+
+    def trunk(self, x: Array) -> Array:
+        frames, lead = self._frames(x)                         # [N, T, H, W, C]
+        n, t, h, w, c = frames.shape
+        stacked = frames.transpose(0, 2, 3, 1, 4).reshape(n, h, w, t * c)
+        z = self.convs(stacked)
+        return z.reshape(lead + (-1,))
+
+
+class MLPTorso(nn.Module):
+    """Vector observations [..., T, D] -> flatten the T frames -> MLP (ReLU after each layer)."""
+    num_frames: int = 1
+    hidden_sizes: Sequence[int] = (256, 256)
+
+    frame_rank = 1
+    observation = "vector"
+
+    def trunk(self, x: Array) -> Array:
+        check_frames(x, self.num_frames, "MLPTorso", 1)
+        return x.reshape(x.shape[:-2] + (-1,)).astype(jnp.float32)
+
+    def setup(self):
+        self.layers = [nn.Dense(size) for size in self.hidden_sizes]
+
+    def head(self, h: Array) -> Array:
+        for layer in self.layers:
+            h = nn.relu(layer(h))
+        return h
+
+    def __call__(self, x: Array) -> Array:
+        return self.head(self.trunk(x))

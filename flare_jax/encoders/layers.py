@@ -1,0 +1,117 @@
+"""Building blocks shared by the encoders: initialisers, conv stack, input checks, fusion."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def delta_orthogonal(scale: float = math.sqrt(2.0)) -> nn.initializers.Initializer:
+    """Delta-orthogonal conv init (RAD/Flare `weight_init`): orthogonal centre tap, zeros elsewhere.
+
+    Kernel shape [kh, kw, in, out]; the centre tap is an orthogonal [in, out] matrix times `scale`.
+    """
+    ortho = nn.initializers.orthogonal(scale)
+
+    def init(key, shape, dtype=jnp.float32):
+        if len(shape) != 4:
+            raise ValueError(f"delta_orthogonal expects a [kh, kw, in, out] kernel, got {shape}")
+        kh, kw, cin, cout = shape
+        kernel = jnp.zeros(shape, dtype)
+        return kernel.at[kh // 2, kw // 2].set(ortho(key, (cin, cout), dtype))
+
+    return init
+
+
+def to_unit_float(pixels: Array) -> Array:
+    """uint8 or float pixels holding 0..255 -> float32 in [0, 1]."""
+    return pixels.astype(jnp.float32) / 255.0
+
+
+def check_frames(x: Array, num_frames: int, name: str, frame_rank: int) -> Array:
+    """Checks `x` is [..., T, *frame] with T == num_frames and a frame of rank `frame_rank`."""
+    if not hasattr(x, "shape"):
+        raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
+    layout = {3: "[..., T, H, W, C]", 1: "[..., T, D]"}.get(frame_rank, f"[..., T, <{frame_rank} dims>]")
+    if x.ndim < frame_rank + 1:
+        raise ValueError(f"{name}: expected input of shape {layout} (rank >= {frame_rank + 1}), "
+                         f"got shape {tuple(x.shape)}")
+    t = x.shape[-frame_rank - 1]
+    if t != num_frames:
+        raise ValueError(f"{name}: configured for num_frames={num_frames} but the input has "
+                         f"T={t} frames (shape {tuple(x.shape)}, layout {layout})")
+    return x
+
+
+def conv_output_size(size: int, kernels: Sequence[int], strides: Sequence[int]) -> int:
+    """Spatial size after a stack of VALID convs."""
+    for k, s in zip(kernels, strides):
+        size = (size - k) // s + 1
+    return size
+
+
+class ConvStack(nn.Module):
+    """VALID conv layers on [N, H, W, C] float input, ReLU after each (optionally not the last).
+
+    Runs through `lax.conv_general_dilated`; on CPU `flare_jax.xla_cpu` makes XLA use its
+    multi-threaded Eigen kernels for it.
+    """
+    filters: Sequence[int]
+    kernel_sizes: Sequence[int]
+    strides: Sequence[int]
+    relu_last: bool = True
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        n = len(self.filters)
+        if not (len(self.kernel_sizes) == len(self.strides) == n):
+            raise ValueError(f"ConvStack: filters {self.filters}, kernel_sizes {self.kernel_sizes} "
+                             f"and strides {self.strides} must have the same length")
+        size = conv_output_size(min(x.shape[-3:-1]), self.kernel_sizes, self.strides)
+        if size < 1:
+            raise ValueError(f"ConvStack: a {x.shape[-3]}x{x.shape[-2]} frame is too small for "
+                             f"kernels {tuple(self.kernel_sizes)} with strides {tuple(self.strides)}")
+        for i, (f, k, s) in enumerate(zip(self.filters, self.kernel_sizes, self.strides)):
+            x = nn.Conv(f, (k, k), (s, s), padding="VALID", kernel_init=self.kernel_init,
+                        bias_init=nn.initializers.zeros, name=f"conv_{i}")(x)
+            if i < n - 1 or self.relu_last:
+                x = nn.relu(x)
+        return x
+
+
+class DenseLayerNorm(nn.Module):
+    """Dense(features) -> LayerNorm(eps 1e-5, learned scale/offset); no activation (no tanh)."""
+    features: int
+    kernel_init: nn.initializers.Initializer = nn.initializers.orthogonal(1.0)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = nn.Dense(self.features, kernel_init=self.kernel_init, bias_init=nn.initializers.zeros,
+                     name="dense")(x)
+        return nn.LayerNorm(epsilon=1e-5, name="layer_norm")(x)
+
+
+def latent_flow(z: Array, time_axis: int) -> Array:
+    """[z_2..z_T, f_2..f_T] along `time_axis`, with f_i = z_i - stop_gradient(z_{i-1}).
+
+    The stop-gradient is on the subtrahend only, so z_1 reaches the output only through it.
+    Output has 2T-2 entries along `time_axis`.
+    """
+    t = z.shape[time_axis]
+    if t < 2:
+        raise ValueError(f"latent flow needs at least 2 frames, got T={t}")
+    newer = jax.lax.slice_in_dim(z, 1, t, axis=time_axis)
+    older = jax.lax.slice_in_dim(z, 0, t - 1, axis=time_axis)
+    return jnp.concatenate([newer, newer - jax.lax.stop_gradient(older)], axis=time_axis)
+
+
+def merge_leading(x: Array, keep: int) -> tuple[Array, tuple[int, ...]]:
+    """Flattens all but the last `keep` dims into one batch dim; returns it and the lead shape."""
+    lead = x.shape[:x.ndim - keep]
+    return x.reshape((-1,) + x.shape[x.ndim - keep:]), lead

@@ -1,0 +1,1 @@
+"""Environments: envpool DMC (pixels and states) and Atari, with the reference preprocessing."""
