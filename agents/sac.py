@@ -1,0 +1,318 @@
+"""RAD-SAC with any encoder from `flare_jax.encoders` (reference.md section 2), as pure functions.
+
+    config = SACConfig(encoder="flare")
+    state = init(key, obs_spec, action_spec, config)          # SACState pytree
+    action = act(state, obs, key, deterministic=False)        # [N, A] in [-1, 1]
+    state, metrics = update(state, batch, key)                # one SAC update
+    state, metrics = update_many(state, batches, key)         # N updates, one compiled call
+
+Observations are in the *storage* format of the replay: frame stacks [..., T, *frame] (pixels:
+the 100x100 centre of each 108 render, uint8). The agent turns them into the network's view: a
+random translate into a 108 canvas for updates, the centre paste for acting (reference FIX).
+
+Parameters: the critic owns the encoder's trunk (convs, plus the LSTM of recurrent variants) and
+its head (Dense+LayerNorm), and the twin Q MLPs. The actor owns only its own head and policy MLP;
+it reads the critic's trunk output under stop_gradient, so conv weights are shared (one copy),
+never updated by the actor loss, and never duplicated. The target critic is an EMA of the whole
+critic: trunk and head with tau 0.05 ("encoder"), Q heads with tau 0.01, every 2 updates. The
+actor and the temperature are updated every 2 critic updates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping, Optional
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from flax.training.train_state import TrainState
+
+from flare_jax import augment
+from flare_jax.encoders import make_encoder
+from flare_jax.replay import Batch
+
+Array = jax.Array
+_ORTHO = nn.initializers.orthogonal(1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SACConfig:
+    """Hyperparameters; defaults are the reference's (Flare on RAD-SAC, pixels)."""
+    encoder: str = "flare"
+    encoder_kwargs: tuple[tuple[str, Any], ...] = ()   # e.g. (("feature_dim", 64),)
+    hidden_dim: int = 1024
+    critic_lr: float = 2e-4
+    actor_lr: float = 2e-4
+    alpha_lr: float = 1e-4
+    beta1: float = 0.9                 # Adam beta1 of actor and critic
+    alpha_beta1: float = 0.5
+    init_temperature: float = 0.1
+    encoder_tau: float = 0.05
+    critic_tau: float = 0.01
+    target_update_period: int = 2
+    actor_update_period: int = 2
+    log_std_min: float = -10.0
+    log_std_max: float = 2.0
+    target_entropy: Optional[float] = None     # None: -|A|
+    augmentation: str = "translate"            # translate | crop | none
+    image_size: int = 108                      # network input size for pixels
+
+    def __post_init__(self):
+        if isinstance(self.encoder_kwargs, Mapping):
+            object.__setattr__(self, "encoder_kwargs", tuple(sorted(self.encoder_kwargs.items())))
+        if self.augmentation not in augment.AUGMENTATIONS:
+            raise ValueError(f"augmentation must be one of {augment.AUGMENTATIONS}, "
+                             f"got {self.augmentation!r}")
+        for name in ("target_update_period", "actor_update_period", "hidden_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def make_encoder(self) -> nn.Module:
+        return make_encoder(self.encoder, **dict(self.encoder_kwargs))
+
+
+class TwinQ(nn.Module):
+    """Two Q heads, each MLP [feature + A] -> hidden -> hidden -> 1 (ReLU), orthogonal init."""
+    hidden_dim: int
+
+    @nn.compact
+    def __call__(self, features: Array, action: Array) -> Array:
+        x = jnp.concatenate([features, action], -1)
+        qs = []
+        for i in range(2):
+            h = x
+            for j in range(2):
+                h = nn.relu(nn.Dense(self.hidden_dim, kernel_init=_ORTHO, name=f"q{i + 1}_{j}")(h))
+            qs.append(nn.Dense(1, kernel_init=_ORTHO, name=f"q{i + 1}_out")(h)[..., 0])
+        return jnp.stack(qs)                                           # [2, ...]
+
+
+class PolicyMLP(nn.Module):
+    """features -> hidden -> hidden -> (mean, log_std) with log_std = tanh rescaled to bounds."""
+    hidden_dim: int
+    action_dim: int
+    log_std_min: float
+    log_std_max: float
+
+    @nn.compact
+    def __call__(self, features: Array) -> tuple[Array, Array]:
+        h = features
+        for j in range(2):
+            h = nn.relu(nn.Dense(self.hidden_dim, kernel_init=_ORTHO, name=f"hidden_{j}")(h))
+        out = nn.Dense(2 * self.action_dim, kernel_init=_ORTHO, name="out")(h)
+        mean, log_std = jnp.split(out, 2, axis=-1)
+        log_std = jnp.tanh(log_std)
+        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (log_std + 1.0)
+        return mean, log_std
+
+
+@struct.dataclass
+class SACState:
+    critic: TrainState          # params {"trunk", "head", "q"}
+    target: Any                 # EMA of critic.params
+    actor: TrainState           # params {"head", "policy"}
+    alpha: TrainState           # params {"log_alpha": []}
+    updates: Array              # [] int32: critic updates done
+    config: SACConfig = struct.field(pytree_node=False)
+    action_dim: int = struct.field(pytree_node=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Nets:
+    encoder: nn.Module
+    q: TwinQ
+    policy: PolicyMLP
+
+
+def _nets(config: SACConfig, action_dim: int) -> _Nets:
+    return _Nets(config.make_encoder(), TwinQ(config.hidden_dim),
+                 PolicyMLP(config.hidden_dim, action_dim, config.log_std_min, config.log_std_max))
+
+
+def _params(variables) -> dict:
+    return dict(variables.get("params", {}))
+
+
+def _view(config: SACConfig, obs: Array, encoder: nn.Module) -> Array:
+    """Storage-format obs -> what the network sees when acting (centre paste for pixels)."""
+    if encoder.observation == "pixels" and obs.shape[-2] != config.image_size:
+        return augment.center_paste(obs, config.image_size)
+    return obs
+
+
+def init(key: Array, obs_spec, action_spec, config: SACConfig = SACConfig()) -> SACState:
+    """obs_spec: one observation as stored ([T, *frame], e.g. (3, 100, 100, 3) uint8);
+    action_spec: anything with .shape == (A,) (actions live in [-1, 1])."""
+    action_dim = int(action_spec.shape[-1])
+    nets = _nets(config, action_dim)
+    obs = jnp.zeros((1,) + tuple(obs_spec.shape), getattr(obs_spec, "dtype", jnp.float32))
+    obs = _view(config, obs, nets.encoder)
+    k_trunk, k_head, k_q, k_actor_head, k_policy = jax.random.split(key, 5)
+    trunk = _params(nets.encoder.init(k_trunk, obs, method="trunk"))
+    h = nets.encoder.apply({"params": trunk}, obs, method="trunk")
+    head = _params(nets.encoder.init(k_head, h, method="head"))
+    feat = nets.encoder.apply({"params": head}, h, method="head")
+    q = _params(nets.q.init(k_q, feat, jnp.zeros((1, action_dim))))
+    actor_head = _params(nets.encoder.init(k_actor_head, h, method="head"))
+    policy = _params(nets.policy.init(k_policy, feat))
+    critic_params = {"trunk": trunk, "head": head, "q": q}
+    critic = TrainState.create(apply_fn=None, params=critic_params,
+                               tx=optax.adam(config.critic_lr, b1=config.beta1))
+    actor = TrainState.create(apply_fn=None, params={"head": actor_head, "policy": policy},
+                              tx=optax.adam(config.actor_lr, b1=config.beta1))
+    alpha = TrainState.create(apply_fn=None,
+                              params={"log_alpha": jnp.log(jnp.float32(config.init_temperature))},
+                              tx=optax.adam(config.alpha_lr, b1=config.alpha_beta1))
+    target = jax.tree.map(jnp.copy, critic_params)
+    return SACState(critic=critic, target=target, actor=actor, alpha=alpha,
+                    updates=jnp.zeros((), jnp.int32), config=config, action_dim=action_dim)
+
+
+# ----------------------------------------------------------------------------- network calls
+
+
+def _trunk(nets: _Nets, params, obs: Array) -> Array:
+    return nets.encoder.apply({"params": params["trunk"]}, obs, method="trunk")
+
+
+def _q_from_trunk(nets: _Nets, params, h: Array, action: Array) -> Array:
+    feat = nets.encoder.apply({"params": params["head"]}, h, method="head")
+    return nets.q.apply({"params": params["q"]}, feat, action)
+
+
+def _policy_from_trunk(nets: _Nets, actor_params, h: Array) -> tuple[Array, Array]:
+    feat = nets.encoder.apply({"params": actor_params["head"]}, h, method="head")
+    return nets.policy.apply({"params": actor_params["policy"]}, feat)
+
+
+def _sample_action(mean: Array, log_std: Array, key: Array) -> tuple[Array, Array]:
+    """tanh-squashed Gaussian sample and its log-probability [..., A] -> ([..., A], [...])."""
+    noise = jax.random.normal(key, mean.shape)
+    u = mean + noise * jnp.exp(log_std)
+    log_prob = jnp.sum(-0.5 * noise ** 2 - log_std - 0.5 * math.log(2 * math.pi), -1)
+    # log|d tanh(u)/du| = log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), exact and stable
+    log_prob -= jnp.sum(2.0 * (math.log(2.0) - u - jax.nn.softplus(-2.0 * u)), -1)
+    return jnp.tanh(u), log_prob
+
+
+def act(state: SACState, obs: Array, key: Array, deterministic: bool = False) -> Array:
+    """obs [N, T, *frame] (storage format) -> actions [N, A] in [-1, 1]."""
+    nets = _nets(state.config, state.action_dim)
+    h = _trunk(nets, state.critic.params, _view(state.config, obs, nets.encoder))
+    mean, log_std = _policy_from_trunk(nets, state.actor.params, h)
+    if deterministic:
+        return jnp.tanh(mean)
+    return _sample_action(mean, log_std, key)[0]
+
+
+# ----------------------------------------------------------------------------- update
+
+
+def augment_batch(config: SACConfig, key: Array, batch: Batch, encoder: nn.Module) -> tuple[Array, Array]:
+    """The network's view of (obs, next_obs) for an update."""
+    obs, next_obs = batch.obs, batch.next_obs
+    if encoder.observation != "pixels" or config.augmentation == "none":
+        return _view(config, obs, encoder), _view(config, next_obs, encoder)
+    if config.augmentation == "translate":
+        return augment.translate(key, obs, next_obs, config.image_size)
+    return augment.random_crop(key, obs, next_obs, config.image_size)
+
+
+def _soft_update(target, online, tau: float):
+    return jax.tree.map(lambda t, o: (1.0 - tau) * t + tau * o, target, online)
+
+
+def update(state: SACState, batch: Batch, key: Array) -> tuple[SACState, dict]:
+    """One SAC update: critic every call; actor+temperature and targets every 2 calls.
+
+    batch.reward [B], batch.discount [B] (gamma included: y = r + discount * V(s')),
+    batch.obs / next_obs [B, T, *frame] in storage format, batch.action [B, A].
+    """
+    config = state.config
+    nets = _nets(config, state.action_dim)
+    chex.assert_rank([batch.reward, batch.discount], 1)
+    k_aug, k_next, k_pi = jax.random.split(key, 3)
+    obs, next_obs = augment_batch(config, k_aug, batch, nets.encoder)
+    alpha = jnp.exp(state.alpha.params["log_alpha"])
+
+    # --- critic: y = r + discount * (min Q_target(s', a') - alpha log pi(a'|s')), a' ~ pi(s')
+    h_next = jax.lax.stop_gradient(_trunk(nets, state.critic.params, next_obs))
+    mean, log_std = _policy_from_trunk(nets, state.actor.params, h_next)
+    next_action, next_log_prob = _sample_action(mean, log_std, k_next)
+    target_q = _q_from_trunk(nets, state.target, _trunk(nets, state.target, next_obs), next_action)
+    target_v = jnp.min(target_q, 0) - alpha * next_log_prob
+    y = jax.lax.stop_gradient(batch.reward + batch.discount * target_v)
+
+    def critic_loss_fn(params):
+        h = _trunk(nets, params, obs)
+        q = _q_from_trunk(nets, params, h, batch.action)                # [2, B]
+        loss = jnp.sum(jnp.mean((q - y[None]) ** 2, axis=1))            # MSE(Q1,y) + MSE(Q2,y)
+        return loss, (q, h)
+
+    (critic_loss, (q, _)), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(state.critic.params)
+    critic = state.critic.apply_gradients(grads=grads)
+    metrics = {"critic_loss": critic_loss, "q_mean": jnp.mean(q), "target_q": jnp.mean(y)}
+
+    # --- actor and temperature, every actor_update_period critic updates (RAD order: after the
+    # critic step, with the updated critic; the trunk output is detached).
+    def actor_and_alpha(args):
+        actor, alpha_state = args
+        h = jax.lax.stop_gradient(_trunk(nets, critic.params, obs))
+
+        def actor_loss_fn(actor_params):
+            mean, log_std = _policy_from_trunk(nets, actor_params, h)
+            action, log_prob = _sample_action(mean, log_std, k_pi)
+            q_pi = _q_from_trunk(nets, jax.lax.stop_gradient(critic.params), h, action)
+            loss = jnp.mean(alpha * log_prob - jnp.min(q_pi, 0))
+            return loss, log_prob
+
+        (actor_loss, log_prob), actor_grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(actor.params)
+        actor = actor.apply_gradients(grads=actor_grads)
+        target_entropy = (-float(state.action_dim) if config.target_entropy is None
+                          else config.target_entropy)
+        neg_entropy_gap = jax.lax.stop_gradient(-log_prob - target_entropy)
+        alpha_loss_fn = lambda p: jnp.mean(jnp.exp(p["log_alpha"]) * neg_entropy_gap)  # noqa: E731
+        alpha_loss, alpha_grad = jax.value_and_grad(alpha_loss_fn)(alpha_state.params)
+        alpha_state = alpha_state.apply_gradients(grads=alpha_grad)
+        return actor, alpha_state, {"actor_loss": actor_loss, "alpha_loss": alpha_loss,
+                                    "entropy": -jnp.mean(log_prob)}
+
+    def skip(args):
+        actor, alpha_state = args
+        zero = jnp.zeros((), jnp.float32)
+        return actor, alpha_state, {"actor_loss": zero, "alpha_loss": zero, "entropy": zero}
+
+    do_actor = state.updates % config.actor_update_period == 0
+    actor, alpha_state, actor_metrics = jax.lax.cond(do_actor, actor_and_alpha, skip,
+                                                     (state.actor, state.alpha))
+    metrics.update(actor_metrics)
+    metrics["actor_updated"] = do_actor
+    metrics["alpha"] = jnp.exp(alpha_state.params["log_alpha"])
+
+    # --- targets: encoder (trunk + head) with encoder_tau, Q heads with critic_tau
+    def soft(target):
+        return {"trunk": _soft_update(target["trunk"], critic.params["trunk"], config.encoder_tau),
+                "head": _soft_update(target["head"], critic.params["head"], config.encoder_tau),
+                "q": _soft_update(target["q"], critic.params["q"], config.critic_tau)}
+
+    do_target = state.updates % config.target_update_period == 0
+    target = jax.lax.cond(do_target, soft, lambda t: t, state.target)
+    new_state = state.replace(critic=critic, target=target, actor=actor, alpha=alpha_state,
+                              updates=state.updates + 1)
+    return new_state, metrics
+
+
+def update_many(state: SACState, batches: Batch, key: Array) -> tuple[SACState, dict]:
+    """`update` over batches with a leading axis [N, B, ...] in one `lax.scan`; metrics [N]."""
+    n = jax.tree.leaves(batches)[0].shape[0]
+
+    def body(s, xs):
+        batch, k = xs
+        return update(s, batch, k)
+
+    return jax.lax.scan(body, state, (batches, jax.random.split(key, n)))

@@ -1,0 +1,320 @@
+"""Device-resident replay that stores each frame once and rebuilds stacks at sample time.
+
+A buffer is a config (static, validated at construction) plus a `ReplayState` pytree of arrays on
+the JAX device, and a few pure functions over them (`init`, `add`, `sample`, ...): jit them and
+donate the state (`jax.jit(add, donate_argnums=0)`); without donation every insert copies the
+whole buffer.
+
+Layout. `num_envs` environments write in lockstep; each has its own ring of `slots` frames
+([E, S, *frame_shape]). Slot k of an env holds the frame that arrived at one agent step, with the
+action, reward and discount of the transition that produced it and a `first` flag when the frame
+starts an episode (then action/reward are ignored). A transition is identified by its *arrival*
+slot k: obs is the stack ending at k-1, next_obs the stack ending at k (or k+n-1 for n-step).
+
+Stacks never mix episodes: walking back from the newest frame, a stack stops at its episode's
+first frame and the missing older frames are either copies of that first frame
+(`pad="repeat_first"`, DMC/RAD) or zeros (`pad="zeros"`, Atari/DQN Zoo).
+
+Only valid transitions are sampled: the arrival frame is written and does not start an episode,
+all frames of both stacks are still in the ring, and (n-step) the n-1 following slots are written.
+Capacity is counted in transitions: S = ceil(capacity / E) + stack + n_step slots per env, so the
+buffer holds `capacity` transitions (minus one per episode start it contains).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+Array = jax.Array
+PADDINGS = ("repeat_first", "zeros")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayConfig:
+    """Static buffer configuration. Shapes are per environment step (one frame, one action)."""
+    capacity: int                     # transitions, over all envs
+    frame_shape: tuple[int, ...]      # e.g. (100, 100, 3) uint8 pixels, (D,) float32 states
+    action_shape: tuple[int, ...]     # (A,) continuous, () discrete
+    num_envs: int = 1
+    stack: int = 3                    # frames per observation (T)
+    frame_dtype: Any = jnp.uint8
+    action_dtype: Any = jnp.float32
+    pad: str = "repeat_first"
+    n_step: int = 1
+    discount: float = 0.99            # gamma used for the returned n-step reward and discount
+
+    def __post_init__(self):
+        errors = []
+        if self.capacity < 1:
+            errors.append(f"capacity must be >= 1 transition, got {self.capacity}")
+        if self.num_envs < 1:
+            errors.append(f"num_envs must be >= 1, got {self.num_envs}")
+        if self.stack < 1:
+            errors.append(f"stack must be >= 1, got {self.stack}")
+        if self.n_step < 1:
+            errors.append(f"n_step must be >= 1, got {self.n_step}")
+        if self.pad not in PADDINGS:
+            errors.append(f"pad must be one of {PADDINGS}, got {self.pad!r}")
+        if not 0.0 <= self.discount <= 1.0:
+            errors.append(f"discount must be in [0, 1], got {self.discount}")
+        if errors:
+            raise ValueError("invalid ReplayConfig: " + "; ".join(errors))
+        object.__setattr__(self, "frame_shape", tuple(int(d) for d in self.frame_shape))
+        object.__setattr__(self, "action_shape", tuple(int(d) for d in self.action_shape))
+
+    @property
+    def slots(self) -> int:
+        """Ring size per environment (frames)."""
+        return math.ceil(self.capacity / self.num_envs) + self.stack + self.n_step
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory of the state."""
+        per_slot = (np.prod(self.frame_shape, dtype=np.int64) * np.dtype(self.frame_dtype).itemsize
+                    + np.prod(self.action_shape, dtype=np.int64) * np.dtype(self.action_dtype).itemsize
+                    + 4 + 4 + 1)
+        return int(per_slot * self.slots * self.num_envs)
+
+
+@struct.dataclass
+class ReplayState:
+    frames: Array       # [E, S, *frame_shape]
+    actions: Array      # [E, S, *action_shape]: action that led to this slot's frame
+    rewards: Array      # [E, S] float32: reward of that transition
+    discounts: Array    # [E, S] float32: discount of that transition (0 at a terminal/life loss)
+    first: Array        # [E, S] bool: this frame starts an episode
+    cursor: Array       # [] int32: next slot to write
+    count: Array        # [] int32: slots written so far (<= S)
+
+
+@struct.dataclass
+class Batch:
+    obs: Array          # [B, T, *frame_shape]
+    action: Array       # [B, *action_shape]
+    reward: Array       # [B] n-step discounted reward sum (n=1: the reward)
+    discount: Array     # [B] gamma^n_eff * product of transition discounts: y = r + discount * V(s')
+    next_obs: Array     # [B, T, *frame_shape]
+    env: Array          # [B] int32 env index   } identify the transition (for priorities)
+    slot: Array         # [B] int32 arrival slot }
+
+
+def available_memory_bytes(device=None) -> Optional[int]:
+    """Free memory of `device` (accelerator: allocator limit minus use; CPU: MemAvailable)."""
+    device = device or jax.devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(config: ReplayConfig, device=None, headroom: float = 0.8) -> str:
+    """Returns a one-line memory summary; raises MemoryError if the buffer cannot fit."""
+    need = config.nbytes
+    free = available_memory_bytes(device)
+    summary = (f"replay: {config.capacity:,d} transitions x {config.num_envs} env(s), "
+               f"{config.slots:,d} slots/env of {config.frame_shape} {np.dtype(config.frame_dtype).name} "
+               f"frames = {need / 2**30:.2f} GiB")
+    if free is not None:
+        summary += f" (device has {free / 2**30:.1f} GiB free)"
+        if need > headroom * free:
+            per_tr = need / config.capacity
+            fits = int(headroom * free / per_tr)
+            raise MemoryError(f"{summary}: does not fit in {headroom:.0%} of the free device memory; "
+                              f"use a capacity of at most ~{fits:,d} transitions")
+    return summary
+
+
+def init(config: ReplayConfig, device=None) -> ReplayState:
+    """An empty buffer on `device` (default device if None)."""
+    e, s = config.num_envs, config.slots
+    zeros = lambda shape, dtype: jnp.zeros(shape, dtype)  # noqa: E731
+    state = ReplayState(
+        frames=zeros((e, s) + config.frame_shape, config.frame_dtype),
+        actions=zeros((e, s) + config.action_shape, config.action_dtype),
+        rewards=zeros((e, s), jnp.float32),
+        discounts=zeros((e, s), jnp.float32),
+        first=jnp.zeros((e, s), bool),
+        cursor=jnp.zeros((), jnp.int32),
+        count=jnp.zeros((), jnp.int32))
+    return jax.device_put(state, device) if device is not None else state
+
+
+def add(config: ReplayConfig, state: ReplayState, frame: Array, action: Array, reward: Array,
+        discount: Array, first: Array) -> ReplayState:
+    """Writes one step of every env: the frame that arrived and the transition that led to it.
+
+    frame [E, *frame_shape]; action [E, *action_shape]; reward, discount [E]; first [E] bool
+    (True: `frame` starts an episode; its action/reward/discount are ignored).
+    """
+    e = config.num_envs
+    chex.assert_shape(frame, (e,) + config.frame_shape)
+    chex.assert_shape(action, (e,) + config.action_shape)
+    chex.assert_shape([reward, discount, first], (e,))
+    c = state.cursor
+    first = first.astype(bool)
+    keep = ~first
+    return state.replace(
+        frames=state.frames.at[:, c].set(frame.astype(config.frame_dtype)),
+        actions=state.actions.at[:, c].set(
+            jnp.where(keep.reshape((e,) + (1,) * len(config.action_shape)), action, 0)
+            .astype(config.action_dtype)),
+        rewards=state.rewards.at[:, c].set(jnp.where(keep, reward, 0.0).astype(jnp.float32)),
+        discounts=state.discounts.at[:, c].set(jnp.where(keep, discount, 1.0).astype(jnp.float32)),
+        first=state.first.at[:, c].set(first),
+        cursor=(c + 1) % config.slots,
+        count=jnp.minimum(state.count + 1, config.slots))
+
+
+def _age(config: ReplayConfig, state: ReplayState, slot: Array) -> Array:
+    """Steps since `slot` was written: 0 for the newest slot."""
+    return (state.cursor - 1 - slot) % config.slots
+
+
+def valid_mask(config: ReplayConfig, state: ReplayState) -> Array:
+    """[E, S] bool: arrival slots of transitions that may be sampled."""
+    s = config.slots
+    age = _age(config, state, jnp.arange(s))                     # [S]
+    written = age < state.count
+    # Frames back to k - stack (the obs stack) must still be in the ring. While the ring is not
+    # full, slot 0 holds the first frame of an episode, so stacks stop before reaching unwritten
+    # slots; once full, the oldest `stack` slots may be needed by a stack and are skipped.
+    history_kept = (state.count < s) | (age + config.stack <= s - 1)
+    n_step_ready = age >= config.n_step - 1
+    ok = written & history_kept & n_step_ready                   # [S]
+    return ok[None, :] & ~state.first
+
+
+def _stack_positions(config: ReplayConfig, state: ReplayState, env: Array, end: Array,
+                     length: int) -> tuple[Array, Array]:
+    """Slots of the `length` frames ending at slot `end` of env `env`, oldest first, and a mask
+    of the positions that lie before the episode's first frame (they repeat that first frame).
+
+    Walks back from `end`; once it reaches an episode's first frame it stays there.
+    """
+    s = config.slots
+    pos, pad = [end], [jnp.zeros((), bool)]
+    for _ in range(length - 1):
+        at_start = state.first[env, pos[-1]] | pad[-1]
+        pos.append(jnp.where(at_start, pos[-1], (pos[-1] - 1) % s))
+        pad.append(at_start)
+    return jnp.stack(pos[::-1]), jnp.stack(pad[::-1])
+
+
+def _gather_stack(config: ReplayConfig, state: ReplayState, env: Array, end: Array) -> Array:
+    """[T, *frame_shape]: the observation stack ending at slot `end` of env `env`."""
+    pos, pad = _stack_positions(config, state, env, end, config.stack)
+    stack = state.frames[env, pos]
+    if config.pad == "zeros":
+        mask = (~pad).reshape(pad.shape + (1,) * len(config.frame_shape))
+        stack = jnp.where(mask, stack, jnp.zeros((), stack.dtype))
+    return stack
+
+
+def _n_step(config: ReplayConfig, state: ReplayState, env: Array, slot: Array):
+    """n-step reward, discount and bootstrap slot of the transition arriving at `slot`.
+
+    The window covers slots slot..slot+n-1 (all written: see `valid_mask`) and stops before a
+    frame that starts a new episode; there it bootstraps from the episode's last frame with the
+    discounts stored so far (0 after a terminal step or life loss, 1 at a time limit).
+    """
+    s, gamma = config.slots, config.discount
+    ret, disc, end, alive = jnp.float32(0.0), jnp.float32(1.0), slot, jnp.bool_(True)
+    for i in range(config.n_step):
+        k = (slot + i) % s
+        if i > 0:
+            alive = alive & ~state.first[env, k]
+        ret = ret + jnp.where(alive, disc * state.rewards[env, k], 0.0)
+        disc = jnp.where(alive, disc * gamma * state.discounts[env, k], disc)
+        end = jnp.where(alive, k, end)
+    return ret, disc, end
+
+
+def gather(config: ReplayConfig, state: ReplayState, env: Array, slot: Array) -> Batch:
+    """The transitions with arrival slots `slot` [B] of envs `env` [B]."""
+    def one(e, k):
+        reward, discount, end = _n_step(config, state, e, k)
+        obs = _gather_stack(config, state, e, (k - 1) % config.slots)
+        next_obs = _gather_stack(config, state, e, end)
+        return obs, state.actions[e, k], reward, discount, next_obs
+
+    obs, action, reward, discount, next_obs = jax.vmap(one)(env, slot)
+    return Batch(obs=obs, action=action, reward=reward, discount=discount, next_obs=next_obs,
+                 env=env, slot=slot)
+
+
+def sample_proportional(key: Array, weights: Array, batch_size: int) -> Array:
+    """Draws `batch_size` flat indices with probability proportional to `weights` (>= 0).
+
+    Inverse-CDF sampling on a two-level cumulative sum (blocks of 1024), vectorised: O(N) work
+    per call but no sequential tree updates, and the float32 sums stay accurate at 1M items.
+    A zero-weight item is never returned: a draw that lands on one (float rounding at a block
+    or array edge) moves to the nearest preceding positive item, or the first positive one.
+    If every weight is zero the result is undefined (callers check `valid_mask(...).any()`).
+    """
+    n = weights.shape[0]
+    block = 1024
+    nb = -(-n // block)
+    w = jnp.pad(weights.astype(jnp.float32), (0, nb * block - n)).reshape(nb, block)
+    block_cdf = jnp.cumsum(w.sum(1))                             # [nb]
+    total = block_cdf[-1]
+    u = jax.random.uniform(key, (batch_size,), jnp.float32) * total
+    b = jnp.clip(jnp.searchsorted(block_cdf, u, side="right"), 0, nb - 1)
+    u_in = u - jnp.where(b > 0, block_cdf[jnp.maximum(b - 1, 0)], 0.0)
+    in_cdf = jnp.cumsum(w[b], axis=1)                            # [B, block]
+    j = jnp.clip(jax.vmap(lambda c, x: jnp.searchsorted(c, x, side="right"))(in_cdf, u_in), 0, block - 1)
+    idx = jnp.minimum(b * block + j, n - 1)
+    positive = weights > 0
+    flat_pos = jnp.arange(n)
+    last_pos_before = jax.lax.cummax(jnp.where(positive, flat_pos, -1))       # [N]
+    first_pos = jnp.argmax(positive)
+    fixed = jnp.where(positive[idx], idx, last_pos_before[idx])
+    return jnp.where(fixed >= 0, fixed, first_pos).astype(jnp.int32)
+
+
+def sample(config: ReplayConfig, state: ReplayState, key: Array, batch_size: int) -> Batch:
+    """A uniform batch of valid transitions (with replacement)."""
+    mask = valid_mask(config, state).reshape(-1)
+    flat = sample_proportional(key, mask.astype(jnp.float32), batch_size)
+    return gather(config, state, flat // config.slots, flat % config.slots)
+
+
+def num_valid(config: ReplayConfig, state: ReplayState) -> Array:
+    return valid_mask(config, state).sum()
+
+
+class Replay:
+    """Bundles a config with its jitted pure functions (state donated), for training loops.
+
+        buf = Replay(config); state = buf.init()
+        state = buf.add(state, frame, action, reward, discount, first)
+        batch = buf.sample(state, key, 128)
+    """
+
+    def __init__(self, config: ReplayConfig):
+        self.config = config
+        self.add = jax.jit(lambda s, *a: add(config, s, *a), donate_argnums=0)
+        self.sample = jax.jit(lambda s, k, b: sample(config, s, k, b), static_argnums=2)
+        self.num_valid = jax.jit(lambda s: num_valid(config, s))
+
+    def init(self, device=None) -> ReplayState:
+        return init(self.config, device)
