@@ -227,13 +227,17 @@ def _soft_update(target, online, tau: float):
     return jax.tree.map(lambda t, o: (1.0 - tau) * t + tau * o, target, online)
 
 
-def update(state: SACState, batch: Batch, key: Array) -> tuple[SACState, dict]:
+def update(state: SACState, batch: Batch, key: Array,
+           count: Optional[Array] = None) -> tuple[SACState, dict]:
     """One SAC update: critic every call; actor+temperature and targets every 2 calls.
 
     batch.reward [B], batch.discount [B] (gamma included: y = r + discount * V(s')),
     batch.obs / next_obs [B, T, *frame] in storage format, batch.action [B, A].
+    `count` (default `state.updates`) is the update number that decides the every-2 steps; pass
+    it un-batched when vmapping over seeds so the periodic updates stay real conditionals.
     """
     config = state.config
+    count = state.updates if count is None else count
     nets = _nets(config, state.action_dim)
     chex.assert_rank([batch.reward, batch.discount], 1)
     k_aug, k_next, k_pi = jax.random.split(key, 3)
@@ -287,7 +291,7 @@ def update(state: SACState, batch: Batch, key: Array) -> tuple[SACState, dict]:
         zero = jnp.zeros((), jnp.float32)
         return actor, alpha_state, {"actor_loss": zero, "alpha_loss": zero, "entropy": zero}
 
-    do_actor = state.updates % config.actor_update_period == 0
+    do_actor = count % config.actor_update_period == 0
     actor, alpha_state, actor_metrics = jax.lax.cond(do_actor, actor_and_alpha, skip,
                                                      (state.actor, state.alpha))
     metrics.update(actor_metrics)
@@ -300,7 +304,7 @@ def update(state: SACState, batch: Batch, key: Array) -> tuple[SACState, dict]:
                 "head": _soft_update(target["head"], critic.params["head"], config.encoder_tau),
                 "q": _soft_update(target["q"], critic.params["q"], config.critic_tau)}
 
-    do_target = state.updates % config.target_update_period == 0
+    do_target = count % config.target_update_period == 0
     target = jax.lax.cond(do_target, soft, lambda t: t, state.target)
     new_state = state.replace(critic=critic, target=target, actor=actor, alpha=alpha_state,
                               updates=state.updates + 1)

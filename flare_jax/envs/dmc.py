@@ -73,7 +73,9 @@ class DMCEnv:
     Args:
       task: a name in `dmc_tasks.TASKS`, e.g. "walker_run".
       num_envs: N, the number of parallel environments.
-      seed: envpool seed (env i is seeded from seed and i by envpool).
+      seed: envpool seed (env i is seeded from seed and i by envpool), or a sequence of
+        num_envs seeds, one per env (multi-seed runs: each seed's envs get the seeds a
+        single-seed run would give them).
       pixels: RGB frames [N, size, size, 3] uint8 instead of states.
       obs: states only: "full" (positions and velocities, `dmc_tasks.state_layout` order) or
         "position" (only `dmc_tasks.position_indices`).
@@ -90,7 +92,7 @@ class DMCEnv:
       env_action_low, env_action_high: [A] float64, the actuator bounds the action is mapped to.
     """
 
-    def __init__(self, task: str, num_envs: int = 1, seed: int = 0, pixels: bool = False,
+    def __init__(self, task: str, num_envs: int = 1, seed=0, pixels: bool = False,
                  obs: str = "full", size: int = 108, action_repeat: int | None = None):
         self.task = dmc_tasks.get_task(task)
         if obs not in OBS_CHOICES:
@@ -117,7 +119,13 @@ class DMCEnv:
         if self.pixels:
             kwargs = dict(from_pixels=True, render_height=self.size, render_width=self.size,
                           render_camera_id=self.task.camera)
-        self._env = envpool.make_dm(self.task.envpool_id, num_envs=self.num_envs, seed=int(seed),
+        if np.ndim(seed) == 0:
+            seed = int(seed)
+        else:
+            seed = [int(x) for x in seed]
+            if len(seed) != self.num_envs:
+                raise ValueError(f"got {len(seed)} seeds for num_envs={self.num_envs}")
+        self._env = envpool.make_dm(self.task.envpool_id, num_envs=self.num_envs, seed=seed,
                                     **kwargs)
         self._all_ids = np.arange(self.num_envs, dtype=np.int32)
 
