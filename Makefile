@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.flare_jax-installed
 export MUJOCO_GL ?= egl
 export PYTHONUNBUFFERED := 1
+# tcmalloc keeps freed pages: XLA's large per-call CPU buffers stop page-faulting (flare_jax/runtime.py)
+# (recursive '=': evaluated when a recipe runs, i.e. after setup_env.sh may have installed it)
+export LD_PRELOAD = $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4))
 
 .PHONY: run test test-slow bench setup clean-venv
 

@@ -61,6 +61,10 @@ class SACConfig:
     target_entropy: Optional[float] = None     # None: -|A|
     augmentation: str = "translate"            # translate | crop | none
     image_size: int = 108                      # network input size for pixels
+    # Per-frame encoders (flare, latent_stack, recurrent): encode the T-1 frames that obs and
+    # next_obs share once. Requires next_obs[:, :-1] == obs[:, 1:], which holds for the replay's
+    # 1-step batches (augmented or not); `frame_overlap_violations` in the metrics counts misses.
+    share_frames: bool = True
 
     def __post_init__(self):
         if isinstance(self.encoder_kwargs, Mapping):
@@ -245,22 +249,35 @@ def update(state: SACState, batch: Batch, key: Array,
     alpha = jnp.exp(state.alpha.params["log_alpha"])
 
     # --- critic: y = r + discount * (min Q_target(s', a') - alpha log pi(a'|s')), a' ~ pi(s')
-    h_next = jax.lax.stop_gradient(_trunk(nets, state.critic.params, next_obs))
-    mean, log_std = _policy_from_trunk(nets, state.actor.params, h_next)
-    next_action, next_log_prob = _sample_action(mean, log_std, k_next)
-    target_q = _q_from_trunk(nets, state.target, _trunk(nets, state.target, next_obs), next_action)
-    target_v = jnp.min(target_q, 0) - alpha * next_log_prob
-    y = jax.lax.stop_gradient(batch.reward + batch.discount * target_v)
+    h_next_target = _trunk(nets, state.target, next_obs)
+    share = config.share_frames and getattr(nets.encoder, "per_frame", False)
 
     def critic_loss_fn(params):
-        h = _trunk(nets, params, obs)
+        if share:   # encode obs's T frames (with gradient) and next_obs's newest frame only
+            enc = lambda x, method: nets.encoder.apply({"params": params["trunk"]}, x, method=method)  # noqa: E731
+            z = enc(obs, "per_frame_latents")                                   # [B, T, ...]
+            z_new = enc(next_obs[:, -1:], "encode_frames")                       # [B, 1, ...]
+            h = enc(z, "fuse_latents")
+            z_next = jnp.concatenate([z[:, 1:], z_new], axis=1)
+            h_next = jax.lax.stop_gradient(enc(jax.lax.stop_gradient(z_next), "fuse_latents"))
+        else:
+            h = _trunk(nets, params, obs)
+            h_next = jax.lax.stop_gradient(_trunk(nets, params, next_obs))
+        mean, log_std = _policy_from_trunk(nets, state.actor.params, h_next)
+        next_action, next_log_prob = _sample_action(mean, log_std, k_next)
+        target_q = _q_from_trunk(nets, state.target, h_next_target, next_action)
+        target_v = jnp.min(target_q, 0) - alpha * next_log_prob
+        y = jax.lax.stop_gradient(batch.reward + batch.discount * target_v)
         q = _q_from_trunk(nets, params, h, batch.action)                # [2, B]
         loss = jnp.sum(jnp.mean((q - y[None]) ** 2, axis=1))            # MSE(Q1,y) + MSE(Q2,y)
-        return loss, (q, h)
+        return loss, (q, y)
 
-    (critic_loss, (q, _)), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(state.critic.params)
+    (critic_loss, (q, y)), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(state.critic.params)
     critic = state.critic.apply_gradients(grads=grads)
     metrics = {"critic_loss": critic_loss, "q_mean": jnp.mean(q), "target_q": jnp.mean(y)}
+    if share:
+        metrics["frame_overlap_violations"] = jnp.sum(
+            jnp.any((batch.obs[:, 1:] != batch.next_obs[:, :-1]).reshape(batch.obs.shape[0], -1), 1))
 
     # --- actor and temperature, every actor_update_period critic updates (RAD order: after the
     # critic step, with the updated critic; the trunk output is detached).

@@ -1,6 +1,9 @@
 """Benchmarks: `python -m experiments.bench <name> [--flags]`.
 
   encoders    Flare and frame-stack encoders, forward and forward+backward, both CPU conv paths.
+  sac_update  one pixel SAC update (replay sampling + augmentation + update) at the reference
+              settings (--encoder=flare|frame_stack|both), and full-state SAC updates per
+              second (256x256 and 1024x1024 MLPs), fused (lax.scan) and unfused.
 
 Timings are medians of --repeats runs after a warm-up (compile) run. Variants that need different
 XLA settings (the conv paths) run in subprocesses of this module, one after the other, and the
@@ -29,9 +32,13 @@ flags.DEFINE_integer("batch", 128, "batch size (samples; each holds --frames fra
 flags.DEFINE_integer("size", 108, "frame height and width in pixels")
 flags.DEFINE_integer("frames", 3, "frames per stack (T)")
 flags.DEFINE_list("encoders", ["flare", "frame_stack"], "encoders to benchmark")
-flags.DEFINE_enum("conv_path", "both", ["both", "fast", "xla"],
-                  "CPU conv path: fast (Eigen, flare_jax default), xla (XLA's default YNNPACK), "
-                  "both (one subprocess each)")
+flags.DEFINE_enum("conv_path", "all", ["all", "xla", "eigen", "fast"],
+                  "CPU conv path: xla (XLA's defaults: YNNPACK convs, full batch), eigen (XLA "
+                  "convs routed to Eigen, full batch), fast (Eigen + cache-sized batch chunks with "
+                  "the custom VJP: flare_jax's default on CPU), all (one subprocess each)")
+flags.DEFINE_string("encoder", "both", "sac_update: flare, frame_stack, both or none (only the "
+                    "full-state updates)")
+flags.DEFINE_integer("fused", 50, "sac_update: updates per compiled call in the fused mode")
 flags.DEFINE_bool("json", False, "print one JSON line per measurement (used by subprocesses)")
 
 BENCHMARKS = {}
@@ -82,22 +89,24 @@ def _emit(record: dict):
 @benchmark
 def encoders():
     """Encoder forward and forward+backward (grads of all parameters) at batch x T frames."""
-    if FLAGS.conv_path == "both":
+    if FLAGS.conv_path == "all":
         rows = []
-        for path, env in (("xla", {"FLARE_JAX_XLA_CPU": "0"}), ("fast", {"FLARE_JAX_XLA_CPU": "1"})):
+        for path in CONV_PATHS:
             print(f"[bench] running the {path!r} conv path in a subprocess ...", flush=True)
+            env = {"FLARE_JAX_XLA_CPU": "0" if path == "xla" else "1"}
             rows += _rerun_self("encoders", env, [f"--conv_path={path}"])
         _print_encoder_table(rows)
         return
     from flare_jax.encoders import make_encoder  # pylint: disable=g-import-not-at-top
-    expect_fast = FLAGS.conv_path == "fast"
-    if jax.default_backend() == "cpu" and xla_cpu.conv_uses_ynnpack() == expect_fast:
+    expect_eigen = FLAGS.conv_path != "xla"
+    if jax.default_backend() == "cpu" and xla_cpu.conv_uses_ynnpack() == expect_eigen:
         raise RuntimeError(f"conv path {FLAGS.conv_path!r} requested but XLA_FLAGS disagree")
+    conv_impl = "chunked" if FLAGS.conv_path == "fast" else "plain"
     key = jax.random.PRNGKey(0)
     shape = (FLAGS.batch, FLAGS.frames, FLAGS.size, FLAGS.size, 3)
     x = jax.random.randint(key, shape, 0, 256, jnp.int32).astype(jnp.uint8)
     for name in FLAGS.encoders:
-        enc = make_encoder(name, num_frames=FLAGS.frames)
+        enc = make_encoder(name, num_frames=FLAGS.frames, conv_impl=conv_impl)
         params = jax.jit(enc.init)(key, x)
         cot = jax.random.normal(key, (FLAGS.batch, 64))
         fwd = jax.jit(enc.apply)
@@ -115,19 +124,137 @@ def encoders():
                 print(f"{name:12s} {kind:17s} {med * 1e3:9.1f} ms  {flops / med / 1e9:6.1f} GFLOP/s")
 
 
+CONV_PATHS = ("xla", "eigen", "fast")
+
+
 def _print_encoder_table(rows):
     print(f"\nencoders: batch {FLAGS.batch} x T={FLAGS.frames} frames of {FLAGS.size}px, "
-          f"median of {FLAGS.repeats}, backend {rows[0]['backend'] if rows else '?'}")
-    print(f"{'encoder':12s} {'pass':17s} {'GFLOP':>7s} | {'xla ms':>9s} {'GFLOP/s':>8s} | "
-          f"{'fast ms':>9s} {'GFLOP/s':>8s} | speed-up")
+          f"median of {FLAGS.repeats}, backend {rows[0]['backend'] if rows else '?'}; GFLOP by "
+          f"XLA's cost analysis of the plain path; speed-up = xla ms / fast ms")
+    print(f"{'encoder':12s} {'pass':17s} {'GFLOP':>6s} |" +
+          "".join(f" {p + ' ms':>9s} {'GFLOP/s':>7s} |" for p in CONV_PATHS) + " speed-up")
     by = {(r["encoder"], r["pass_"], r["conv_path"]): r for r in rows}
     for name in FLAGS.encoders:
         for kind in ("forward", "forward+backward"):
-            a, b = by.get((name, kind, "xla")), by.get((name, kind, "fast"))
-            if not (a and b):
+            rs = [by.get((name, kind, p)) for p in CONV_PATHS]
+            if not all(rs):
                 continue
-            print(f"{name:12s} {kind:17s} {b['gflops']:7.1f} | {a['ms']:9.1f} {a['gflops_per_s']:8.1f} | "
-                  f"{b['ms']:9.1f} {b['gflops_per_s']:8.1f} | {a['ms'] / b['ms']:6.2f}x")
+            flops = rs[1]["gflops"]
+            cells = "".join(f" {r['ms']:9.1f} {flops / r['ms'] * 1e3:7.1f} |" for r in rs)
+            print(f"{name:12s} {kind:17s} {flops:6.1f} |{cells} {rs[0]['ms'] / rs[2]['ms']:6.2f}x")
+
+
+def _filled_replay(config, key, episode_len=125):
+    """A full replay state of random frames with an episode start every `episode_len` slots."""
+    from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
+    e, s = config.num_envs, config.slots
+    k1, k2, k3 = jax.random.split(key, 3)
+    if jnp.issubdtype(config.frame_dtype, jnp.integer):
+        frames = jax.random.randint(k1, (e, s) + config.frame_shape, 0, 256).astype(config.frame_dtype)
+    else:
+        frames = jax.random.normal(k1, (e, s) + config.frame_shape, config.frame_dtype)
+    return rp.ReplayState(
+        frames=frames,
+        actions=jax.random.uniform(k2, (e, s) + config.action_shape, minval=-1, maxval=1),
+        rewards=jax.random.uniform(k3, (e, s)), discounts=jnp.ones((e, s)),
+        first=(jnp.arange(s) % episode_len == 0)[None].repeat(e, 0),
+        cursor=jnp.zeros((), jnp.int32), count=jnp.array(s, jnp.int32))
+
+
+def _sac_update_fn(sac_config, replay_config, batch_size, n_fused):
+    """jit(n x (sample + update)) with the agent state donated."""
+    from agents import sac  # pylint: disable=g-import-not-at-top
+    from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
+
+    def one(agent, replay_state, key):
+        k1, k2 = jax.random.split(key)
+        batch = rp.sample(replay_config, replay_state, k1, batch_size)
+        return sac.update(agent, batch, k2)
+
+    def many(agent, replay_state, key):
+        def body(a, k):
+            return one(a, replay_state, k)
+        return jax.lax.scan(body, agent, jax.random.split(key, n_fused))
+
+    return jax.jit(one if n_fused == 1 else many, donate_argnums=0)
+
+
+# reference.md section 5: the authors' code on this machine class, per update (s)
+AUTHORS_PYTORCH_S = {"flare": (7.2, 9.2), "frame_stack": (2.8, 2.8)}
+
+
+@benchmark
+def sac_update():
+    """Seconds per SAC update, sampling + augmentation + update, at the reference settings."""
+    from agents import sac  # pylint: disable=g-import-not-at-top
+    from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
+    key = jax.random.PRNGKey(0)
+    action_dim = 6
+    encoders = {"both": ["flare", "frame_stack"], "none": []}.get(FLAGS.encoder, [FLAGS.encoder])
+    print(f"sac_update: batch {FLAGS.batch}, {FLAGS.size}px (stored 100px, translate), "
+          f"T={FLAGS.frames}, hidden 1024, feature 64, {action_dim}-dim actions, replay of 10k "
+          f"transitions; median of {FLAGS.repeats}, backend {jax.default_backend()}, "
+          f"fast CPU conv {'on' if flare_jax.FAST_CPU_CONV else 'off'}")
+    for name in encoders:
+        cfg = sac.SACConfig(encoder=name, encoder_kwargs=(("num_frames", FLAGS.frames),),
+                            image_size=FLAGS.size)
+        rcfg = rp.ReplayConfig(capacity=10_000, frame_shape=(100, 100, 3), action_shape=(action_dim,),
+                               stack=FLAGS.frames)
+        replay_state = _filled_replay(rcfg, key)
+        agent = sac.init(key, jax.ShapeDtypeStruct((FLAGS.frames, 100, 100, 3), jnp.uint8),
+                         jax.ShapeDtypeStruct((action_dim,), jnp.float32), cfg)
+        fn = _sac_update_fn(cfg, rcfg, FLAGS.batch, 1)
+        for i in range(4):                                # compile + warm the allocator
+            agent, _ = fn(agent, replay_state, jax.random.fold_in(key, 100 + i))
+        jax.block_until_ready(agent)
+        times = []
+        for i in range(FLAGS.repeats):                    # a pair: one update with the actor step,
+            t = time.perf_counter()                       # one without
+            for j in range(2):
+                agent, m = fn(agent, replay_state, jax.random.fold_in(key, 2 * i + j))
+            jax.block_until_ready(agent)
+            times.append((time.perf_counter() - t) / 2)
+        med = float(np.median(times))
+        rec = dict(bench="sac_update", encoder=name, s_per_update=med, times_s=times,
+                   backend=jax.default_backend())
+        _emit(rec)
+        ref = AUTHORS_PYTORCH_S.get(name)
+        vs = f"; authors' PyTorch {ref[0]}-{ref[1]} s: {ref[0] / med:.1f}-{ref[1] / med:.1f}x" if ref else ""
+        print(f"  {name:12s} {med:6.2f} s/update (median of {FLAGS.repeats} pairs of updates, one "
+              f"with the actor step: {', '.join(f'{t:.2f}' for t in times)}){vs}", flush=True)
+    _state_sac_updates(key)
+
+
+def _state_sac_updates(key):
+    from agents import sac  # pylint: disable=g-import-not-at-top
+    from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
+    obs_dim, action_dim, batch = 24, 6, 256
+    print(f"full-state SAC updates/s (obs {obs_dim}, {action_dim}-dim actions, batch {batch}, "
+          f"replay sampling included; fused = {FLAGS.fused} updates per compiled call)")
+    for hidden in (256, 1024):
+        cfg = sac.SACConfig(encoder="state_full", hidden_dim=hidden, augmentation="none")
+        rcfg = rp.ReplayConfig(capacity=100_000, frame_shape=(obs_dim,), action_shape=(action_dim,),
+                               stack=1, frame_dtype=jnp.float32)
+        replay_state = _filled_replay(rcfg, key, episode_len=1000)
+        row = {}
+        for n in (1, FLAGS.fused):
+            agent = sac.init(key, jax.ShapeDtypeStruct((1, obs_dim), jnp.float32),
+                             jax.ShapeDtypeStruct((action_dim,), jnp.float32), cfg)
+            fn = _sac_update_fn(cfg, rcfg, batch, n)
+            agent, _ = fn(agent, replay_state, key)
+            calls = max(3, 400 // n)
+            times = []
+            for r in range(FLAGS.repeats):
+                t = time.perf_counter()
+                for i in range(calls):
+                    agent, _ = fn(agent, replay_state, jax.random.fold_in(key, i))
+                jax.block_until_ready(agent)
+                times.append((time.perf_counter() - t) / (calls * n))
+            row[n] = float(np.median(times))
+            _emit(dict(bench="state_sac_update", hidden=hidden, fused=n, s_per_update=row[n]))
+        print(f"  hidden {hidden:4d}x{hidden:<4d}: unfused {1 / row[1]:7.0f} updates/s "
+              f"({row[1] * 1e3:.2f} ms), fused x{FLAGS.fused} {1 / row[FLAGS.fused]:7.0f} updates/s "
+              f"({row[FLAGS.fused] * 1e3:.2f} ms)", flush=True)
 
 
 def main(argv):
@@ -139,4 +266,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from flare_jax.runtime import reexec_with_tcmalloc
+    reexec_with_tcmalloc("experiments.bench")
     app.run(main)

@@ -101,4 +101,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from flare_jax.runtime import reexec_with_tcmalloc
+    reexec_with_tcmalloc("experiments.train_sac")
     app.run(main)

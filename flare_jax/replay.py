@@ -190,18 +190,24 @@ def _age(config: ReplayConfig, state: ReplayState, slot: Array) -> Array:
     return (state.cursor - 1 - slot) % config.slots
 
 
-def valid_mask(config: ReplayConfig, state: ReplayState) -> Array:
-    """[E, S] bool: arrival slots of transitions that may be sampled."""
+def _valid(config: ReplayConfig, state: ReplayState, env: Array, slot: Array) -> Array:
+    """Whether a transition arriving at `slot` of `env` may be sampled (broadcasts)."""
     s = config.slots
-    age = _age(config, state, jnp.arange(s))                     # [S]
+    age = _age(config, state, slot)
     written = age < state.count
     # Frames back to k - stack (the obs stack) must still be in the ring. While the ring is not
     # full, slot 0 holds the first frame of an episode, so stacks stop before reaching unwritten
     # slots; once full, the oldest `stack` slots may be needed by a stack and are skipped.
     history_kept = (state.count < s) | (age + config.stack <= s - 1)
     n_step_ready = age >= config.n_step - 1
-    ok = written & history_kept & n_step_ready                   # [S]
-    return ok[None, :] & ~state.first
+    return written & history_kept & n_step_ready & ~state.first[env, slot]
+
+
+def valid_mask(config: ReplayConfig, state: ReplayState) -> Array:
+    """[E, S] bool: arrival slots of transitions that may be sampled."""
+    env = jnp.arange(config.num_envs)[:, None]
+    slot = jnp.arange(config.slots)[None, :]
+    return _valid(config, state, env, slot)
 
 
 def _stack_positions(config: ReplayConfig, state: ReplayState, env: Array, end: Array,
@@ -291,11 +297,46 @@ def sample_proportional(key: Array, weights: Array, batch_size: int) -> Array:
     return jnp.where(fixed >= 0, fixed, first_pos).astype(jnp.int32)
 
 
+def sample_uniform(key: Array, mask: Array, batch_size: int) -> Array:
+    """`batch_size` flat indices drawn uniformly from the True entries of `mask` [N].
+
+    Exact: the u-th valid index for u ~ U{0..#valid-1}, found on an integer cumulative count.
+    """
+    counts = jnp.cumsum(mask.astype(jnp.int32))
+    u = jax.random.randint(key, (batch_size,), 0, jnp.maximum(counts[-1], 1))
+    return jnp.searchsorted(counts, u, side="right").astype(jnp.int32)
+
+
+def sample_valid_uniform(config: ReplayConfig, state: ReplayState, key: Array, batch_size: int,
+                         tries: int = 16) -> tuple[Array, Array]:
+    """(env, slot) [B] of valid transitions, uniform, with replacement; O(B * tries) work.
+
+    Each draw takes the first valid one of `tries` candidates drawn uniformly from the written
+    slots: given that one is valid, it is uniform over the valid slots. In the rare case where a
+    draw has no valid candidate (at most a fraction (invalid/written)^tries of draws: episode
+    starts are ~1% of slots), the whole batch comes from the exact O(N) sampler instead.
+    """
+    k_env, k_age, k_exact = jax.random.split(key, 3)
+    env = jax.random.randint(k_env, (batch_size, tries), 0, config.num_envs)
+    age = jax.random.randint(k_age, (batch_size, tries), 0, jnp.maximum(state.count, 1))
+    slot = (state.cursor - 1 - age) % config.slots
+    ok = _valid(config, state, env, slot)                         # [B, tries]
+    pick = jnp.argmax(ok, axis=1)
+    env_f = jnp.take_along_axis(env, pick[:, None], 1)[:, 0]
+    slot_f = jnp.take_along_axis(slot, pick[:, None], 1)[:, 0]
+
+    def exact(_):
+        flat = sample_uniform(k_exact, valid_mask(config, state).reshape(-1), batch_size)
+        return (flat // config.slots).astype(jnp.int32), (flat % config.slots).astype(jnp.int32)
+
+    return jax.lax.cond(ok.any(axis=1).all(), lambda _: (env_f.astype(jnp.int32), slot_f.astype(jnp.int32)),
+                        exact, None)
+
+
 def sample(config: ReplayConfig, state: ReplayState, key: Array, batch_size: int) -> Batch:
     """A uniform batch of valid transitions (with replacement)."""
-    mask = valid_mask(config, state).reshape(-1)
-    flat = sample_proportional(key, mask.astype(jnp.float32), batch_size)
-    return gather(config, state, flat // config.slots, flat % config.slots)
+    env, slot = sample_valid_uniform(config, state, key, batch_size)
+    return gather(config, state, env, slot)
 
 
 def num_valid(config: ReplayConfig, state: ReplayState) -> Array:

@@ -6,7 +6,9 @@
 set -euo pipefail
 PYTHON=${PYTHON:-python3.11}
 VENV=${VENV:-.venv}
-DEB_PACKAGES=(libegl1 libegl-mesa0 libgl1)
+# libegl*/libgl1: headless MuJoCo rendering; libtcmalloc-minimal4: fast large CPU allocations
+# (see flare_jax/runtime.py).
+DEB_PACKAGES=(libegl1 libegl-mesa0 libgl1 libtcmalloc-minimal4)
 
 missing=()
 if command -v dpkg-query >/dev/null 2>&1; then
@@ -25,7 +27,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}"
   else
-    echo "setup_env: missing Debian packages for headless rendering: ${missing[*]}" >&2
+    echo "setup_env: missing Debian packages: ${missing[*]}" >&2
     echo "setup_env: install them with: sudo apt-get install -y ${missing[*]}" >&2
     exit 1
   fi

@@ -114,3 +114,62 @@ def test_flare_encoder_matches_xla_default_conv_path():
     assert set(fast["grads"]) == set(default["grads"])
     for name in fast["grads"]:
         assert rel_err(fast["grads"][name], default["grads"][name]) < REL_TOL, name
+
+
+# ---------------------------------------------------------------- the chunked conv stack
+
+from flare_jax import conv as fconv  # noqa: E402
+
+
+def _stack_params(key, channels, kernels, cin):
+    ks, bs = [], []
+    for i, (c, k) in enumerate(zip(channels, kernels)):
+        k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+        ks.append(jax.random.normal(k1, (k, k, cin, c)) * (1.0 / np.sqrt(k * k * cin)))
+        bs.append(jax.random.normal(k2, (c,)) * 0.1)
+        cin = c
+    return ks, bs
+
+
+@pytest.mark.parametrize("n,size,cin,channels,kernels,strides,relu_last", [
+    (37, 30, 3, (8, 8, 8), (3, 3, 3), (2, 1, 1), True),          # chunk padding (37 items)
+    (6, 84, 1, (16, 32, 32), (8, 4, 3), (4, 2, 1), False),        # Atari Flare torso
+    (5, 24, 12, (16, 16), (3, 3), (1, 2), True),
+])
+def test_chunked_stack_equals_plain_values_and_gradients(n, size, cin, channels, kernels, strides,
+                                                         relu_last, monkeypatch):
+    monkeypatch.setattr(fconv, "CHUNK_BYTES", 40_000)           # force several small chunks
+    key = jax.random.PRNGKey(n)
+    ks, bs = _stack_params(key, channels, kernels, cin)
+    x = jax.random.uniform(jax.random.fold_in(key, 99), (n, size, size, cin)) * 255.0
+
+    def out(impl, ks, bs, x):
+        return fconv.conv_stack(ks, bs, x, strides, relu_last, 1 / 255.0, impl)
+
+    y_plain = jax.jit(lambda *a: out("plain", *a))(ks, bs, x)
+    y_chunk = jax.jit(lambda *a: out("chunked", *a))(ks, bs, x)
+    assert rel_err(y_chunk, y_plain) < REL_TOL
+    cot = jax.random.normal(jax.random.fold_in(key, 7), y_plain.shape)
+    grad = lambda impl: jax.jit(jax.grad(lambda *a: jnp.sum(out(impl, *a) * cot), (0, 1, 2)))(ks, bs, x)  # noqa: E731
+    for g_c, g_p in zip(jax.tree.leaves(grad("chunked")), jax.tree.leaves(grad("plain"))):
+        assert rel_err(g_c, g_p) < REL_TOL
+
+
+def test_chunked_stack_with_uint8_input_gives_parameter_gradients(monkeypatch):
+    monkeypatch.setattr(fconv, "CHUNK_BYTES", 50_000)
+    ks, bs = _stack_params(jax.random.PRNGKey(3), (8, 8), (3, 3), 3)
+    x = jax.random.randint(jax.random.PRNGKey(4), (9, 20, 20, 3), 0, 256).astype(jnp.uint8)
+    loss = lambda impl: lambda ks, bs: jnp.sum(fconv.conv_stack(ks, bs, x, (2, 1), True, 1 / 255.0, impl) ** 2)  # noqa: E731
+    g_c = jax.jit(jax.grad(loss("chunked"), (0, 1)))(ks, bs)
+    g_p = jax.jit(jax.grad(loss("plain"), (0, 1)))(ks, bs)
+    for a, b in zip(jax.tree.leaves(g_c), jax.tree.leaves(g_p)):
+        assert rel_err(a, b) < REL_TOL
+
+
+def test_chunked_stack_is_the_default_on_cpu_only():
+    ks, bs = _stack_params(jax.random.PRNGKey(0), (4,), (3,), 3)
+    x = jnp.zeros((2, 9, 9, 3))
+    text = jax.jit(lambda: fconv.conv_stack(ks, bs, x, (1,))).lower().as_text()
+    assert ("while" in text) == (jax.default_backend() == "cpu")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        fconv.conv_stack(ks, bs, x, (1,), impl="fast")

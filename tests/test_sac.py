@@ -21,11 +21,12 @@ def _config(**kw):
 
 
 def _batch(key=KEY, b=B):
-    k1, k2, k3, k4 = jax.random.split(key, 4)
-    pix = lambda k: jax.random.randint(k, (b, 3, STORE, STORE, 3), 0, 256).astype(jnp.uint8)  # noqa: E731
-    return Batch(obs=pix(k1), action=jax.random.uniform(k2, (b, A), minval=-1, maxval=1),
+    """A batch like the replay's: next_obs is obs shifted by one frame plus a new frame."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    frames = jax.random.randint(k1, (b, 4, STORE, STORE, 3), 0, 256).astype(jnp.uint8)
+    return Batch(obs=frames[:, :3], action=jax.random.uniform(k2, (b, A), minval=-1, maxval=1),
                  reward=jax.random.normal(k3, (b,)), discount=jnp.full((b,), 0.99),
-                 next_obs=pix(k4), env=jnp.zeros(b, jnp.int32), slot=jnp.zeros(b, jnp.int32))
+                 next_obs=frames[:, 1:], env=jnp.zeros(b, jnp.int32), slot=jnp.zeros(b, jnp.int32))
 
 
 def _init(config):
@@ -147,6 +148,26 @@ def test_update_works_with_other_encoders(encoder):
     if encoder == "state_recurrent":   # the LSTM is in the critic's trunk and trained by it
         assert not np.array_equal(*[np.asarray(jax.tree.leaves(s.critic.params["trunk"])[0])
                                     for s in (state, new)])
+
+
+@pytest.mark.parametrize("encoder", ["flare", "recurrent"])
+def test_sharing_frames_between_obs_and_next_obs_is_exact(encoder):
+    batch = _batch()
+    results = []
+    for share in (True, False):
+        state = _init(_config(encoder=encoder, share_frames=share))
+        new, m = UPDATE(state, batch, KEY)
+        results.append((new, m))
+    (a, ma), (b, mb) = results
+    assert int(ma["frame_overlap_violations"]) == 0
+    np.testing.assert_allclose(float(ma["target_q"]), float(mb["target_q"]), rtol=1e-5)
+    for name, value in _flat(b.critic.params).items():
+        np.testing.assert_allclose(_flat(a.critic.params)[name], value, rtol=1e-4, atol=1e-6,
+                                   err_msg=name)
+    # a batch that breaks the overlap is reported
+    bad = batch.replace(next_obs=batch.next_obs[::-1])
+    _, m = UPDATE(_init(_config(encoder=encoder)), bad, KEY)
+    assert int(m["frame_overlap_violations"]) > 0
 
 
 def test_update_many_equals_repeated_updates():

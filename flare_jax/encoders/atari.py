@@ -12,8 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flare_jax.encoders.layers import (ConvStack, DenseLayerNorm, check_frames, latent_flow, merge_leading,
-                                       to_unit_float)
+from flare_jax.encoders.layers import (ConvStack, DenseLayerNorm, check_frames, latent_flow,
+                                       merge_leading)
 
 Array = jax.Array
 
@@ -21,6 +21,7 @@ Array = jax.Array
 class _AtariTorso(nn.Module):
     num_frames: int = 4
     feature_dim: int = 256
+    conv_impl: str = "auto"     # see flare_jax.conv.conv_stack
 
     frame_rank = 3
     observation = "pixels"
@@ -31,8 +32,7 @@ class _AtariTorso(nn.Module):
             raise ValueError(f"{type(self).__name__} needs num_frames >= {self.min_frames}, "
                              f"got {self.num_frames}")
         check_frames(x, self.num_frames, type(self).__name__, self.frame_rank)
-        x, lead = merge_leading(x, 4)
-        return to_unit_float(x), lead
+        return merge_leading(x, 4)     # raw pixels: the convs scale them by 1/255
 
     def _conv_stack(self) -> ConvStack:
         raise NotImplementedError
@@ -55,7 +55,7 @@ class AtariFlareTorso(_AtariTorso):
 
     def _conv_stack(self) -> ConvStack:
         return ConvStack(filters=(16, 32, 32), kernel_sizes=(8, 4, 3), strides=(4, 2, 1),
-                         relu_last=False)
+                         relu_last=False, scale=1.0 / 255.0, impl=self.conv_impl)
 
     def trunk(self, x: Array) -> Array:
         frames, lead = self._frames(x)                         # [N, T, H, W, C]
@@ -71,7 +71,7 @@ class AtariBaselineTorso(_AtariTorso):
 
     def _conv_stack(self) -> ConvStack:
         return ConvStack(filters=(16, 32, 32 * 6), kernel_sizes=(8, 4, 3), strides=(4, 2, 1),
-                         relu_last=True)
+                         relu_last=True, scale=1.0 / 255.0, impl=self.conv_impl)
 
     def trunk(self, x: Array) -> Array:
         frames, lead = self._frames(x)                         # [N, T, H, W, C]

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flare_jax.conv import conv_stack
+
 Array = jax.Array
 
 
@@ -55,17 +57,33 @@ def conv_output_size(size: int, kernels: Sequence[int], strides: Sequence[int]) 
     return size
 
 
-class ConvStack(nn.Module):
-    """VALID conv layers on [N, H, W, C] float input, ReLU after each (optionally not the last).
+class _ConvWeights(nn.Module):
+    """Declares one conv layer's parameters {kernel [kh, kw, in, out], bias [out]}."""
+    features: int
+    kernel_size: int
+    kernel_init: nn.initializers.Initializer
 
-    Runs through `lax.conv_general_dilated`; on CPU `flare_jax.xla_cpu` makes XLA use its
-    multi-threaded Eigen kernels for it.
+    @nn.compact
+    def __call__(self, in_features: int):
+        k = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (k, k, in_features, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        return kernel, bias
+
+
+class ConvStack(nn.Module):
+    """VALID conv layers on [N, H, W, C] input, ReLU after each (optionally not the last).
+
+    The input may be uint8 pixels: it is converted to float32 and multiplied by `scale` inside
+    (pixels: 1/255). Computed by `flare_jax.conv.conv_stack` (cache-sized batch chunks on CPU).
     """
     filters: Sequence[int]
     kernel_sizes: Sequence[int]
     strides: Sequence[int]
     relu_last: bool = True
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    scale: float = 1.0
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -77,12 +95,14 @@ class ConvStack(nn.Module):
         if size < 1:
             raise ValueError(f"ConvStack: a {x.shape[-3]}x{x.shape[-2]} frame is too small for "
                              f"kernels {tuple(self.kernel_sizes)} with strides {tuple(self.strides)}")
-        for i, (f, k, s) in enumerate(zip(self.filters, self.kernel_sizes, self.strides)):
-            x = nn.Conv(f, (k, k), (s, s), padding="VALID", kernel_init=self.kernel_init,
-                        bias_init=nn.initializers.zeros, name=f"conv_{i}")(x)
-            if i < n - 1 or self.relu_last:
-                x = nn.relu(x)
-        return x
+        kernels, biases = [], []
+        in_features = x.shape[-1]
+        for i, (f, k) in enumerate(zip(self.filters, self.kernel_sizes)):
+            kernel, bias = _ConvWeights(f, k, self.kernel_init, name=f"conv_{i}")(in_features)
+            kernels.append(kernel)
+            biases.append(bias)
+            in_features = f
+        return conv_stack(kernels, biases, x, self.strides, self.relu_last, self.scale, self.impl)
 
 
 class DenseLayerNorm(nn.Module):

@@ -37,10 +37,15 @@ class PixelEncoder(nn.Module):
     kernel_size: int = 3
     # Per-layer strides; None means the reference (2, 1, 1, ...).
     strides: Optional[Sequence[int]] = None
+    # conv computation: "auto" (cache-chunked on CPU, plain XLA elsewhere), "plain", "chunked"
+    conv_impl: str = "auto"
 
     frame_rank = 3            # a frame is [H, W, C]
     observation = "pixels"   # what the environment must provide
     min_frames = 1
+    # Per-frame encoders compute trunk(x) = fuse_latents(per_frame_latents(x)); SAC then encodes
+    # the frames shared by obs and next_obs once.
+    per_frame = False
 
     def _layer_strides(self) -> tuple[int, ...]:
         if self.strides is None:
@@ -59,22 +64,34 @@ class PixelEncoder(nn.Module):
                 raise ValueError(f"{type(self).__name__}: {field} must be >= 1, "
                                  f"got {getattr(self, field)}")
 
+    # The convs get raw pixels and scale them by 1/255 inside (uint8 input stays 1 byte/pixel
+    # until the first conv); encoders that do pixel arithmetic first set this to 1.
+    pixel_scale = 1.0 / 255.0
+
     def setup(self):
         self._check_config()
         n = self.num_layers
         self.convs = ConvStack(filters=(self.num_filters,) * n, kernel_sizes=(self.kernel_size,) * n,
-                               strides=self._layer_strides(), kernel_init=delta_orthogonal())
+                               strides=self._layer_strides(), kernel_init=delta_orthogonal(),
+                               scale=self.pixel_scale, impl=self.conv_impl)
         self.projection = DenseLayerNorm(self.feature_dim)
 
     def _frames(self, x: Array) -> tuple[Array, tuple[int, ...]]:
-        """[..., T, H, W, C] pixels -> float [N, T, H, W, C] and the leading shape."""
+        """[..., T, H, W, C] pixels -> [N, T, H, W, C] (dtype kept) and the leading shape."""
         check_frames(x, self.num_frames, type(self).__name__, self.frame_rank)
-        x, lead = merge_leading(x, 4)
-        return to_unit_float(x), lead
+        return merge_leading(x, 4)
 
     def per_frame_latents(self, x: Array) -> Array:
         """[..., T, H, W, C] pixels -> conv maps [..., T, h, w, c], frames encoded independently."""
-        frames, lead = self._frames(x)
+        check_frames(x, self.num_frames, type(self).__name__, self.frame_rank)
+        return self.encode_frames(x)
+
+    def encode_frames(self, x: Array) -> Array:
+        """Any number K of frames [..., K, H, W, C] -> their conv maps [..., K, h, w, c]."""
+        if x.ndim < 4:
+            raise ValueError(f"{type(self).__name__}.encode_frames expects [..., K, H, W, C], "
+                             f"got shape {tuple(x.shape)}")
+        frames, lead = merge_leading(x, 4)
         n, t = frames.shape[:2]
         z = self.convs(frames.reshape((n * t,) + frames.shape[2:]))
         return z.reshape(lead + (t,) + z.shape[1:])
@@ -93,7 +110,18 @@ def _flatten_tail(x: Array, lead: tuple[int, ...]) -> Array:
     return x.reshape(lead + (-1,))
 
 
-class FlareEncoder(PixelEncoder):
+class _PerFrameEncoder(PixelEncoder):
+    per_frame = True
+
+    def fuse_latents(self, z: Array) -> Array:
+        """Per-frame latents [..., T, h, w, c] -> trunk features [..., D]."""
+        raise NotImplementedError
+
+    def trunk(self, x: Array) -> Array:
+        return self.fuse_latents(self.per_frame_latents(x))
+
+
+class FlareEncoder(_PerFrameEncoder):
     """Flare: shared per-frame convs, latent flow on the conv maps, late fusion.
 
     trunk: [..., T, H, W, C] -> [..., (2T-2) * h * w * c] = [z_2..z_T, z_i - sg(z_{i-1})].
@@ -101,17 +129,15 @@ class FlareEncoder(PixelEncoder):
     """
     min_frames = 2
 
-    def trunk(self, x: Array) -> Array:
-        z = self.per_frame_latents(x)                       # [..., T, h, w, c]
+    def fuse_latents(self, z: Array) -> Array:
         fused = latent_flow(z, time_axis=z.ndim - 4)       # [..., 2T-2, h, w, c]
         return _flatten_tail(fused, z.shape[:-4])
 
 
-class LatentStackEncoder(PixelEncoder):
+class LatentStackEncoder(_PerFrameEncoder):
     """Ablation (Fig. 4b): per-frame latents concatenated, no flow. trunk -> [..., T*h*w*c]."""
 
-    def trunk(self, x: Array) -> Array:
-        z = self.per_frame_latents(x)
+    def fuse_latents(self, z: Array) -> Array:
         return _flatten_tail(z, z.shape[:-4])
 
 
@@ -135,16 +161,18 @@ class PixelFlowEncoder(PixelEncoder):
     [x_2..x_T, x_i - x_{i-1}] stacked along channels ((2T-2)*C channels).
     """
     min_frames = 2
+    pixel_scale = 1.0
 
     def trunk(self, x: Array) -> Array:
         frames, lead = self._frames(x)                      # [N, T, H, W, C]
+        frames = to_unit_float(frames)
         fused = latent_flow(frames, time_axis=1)           # pixels: stop_gradient is a no-op
         n, s, h, w, c = fused.shape
         stacked = fused.transpose(0, 2, 3, 1, 4).reshape(n, h, w, s * c)
         return _flatten_tail(self.convs(stacked), lead)
 
 
-class RecurrentEncoder(PixelEncoder):
+class RecurrentEncoder(_PerFrameEncoder):
     """Ablation: an LSTM over the flattened per-frame conv latents, oldest first.
 
     trunk -> the LSTM's last hidden state [..., lstm_dim]; the LSTM is part of the trunk (shared,
@@ -156,8 +184,7 @@ class RecurrentEncoder(PixelEncoder):
         super().setup()
         self.lstm = nn.RNN(nn.OptimizedLSTMCell(self.lstm_dim))
 
-    def trunk(self, x: Array) -> Array:
-        z = self.per_frame_latents(x)                       # [..., T, h, w, c]
+    def fuse_latents(self, z: Array) -> Array:
         lead, t = z.shape[:-4], z.shape[-4]
         seq = z.reshape((-1, t, z.shape[-3] * z.shape[-2] * z.shape[-1]))
         hidden = self.lstm(seq)[:, -1]                      # [N, lstm_dim]
