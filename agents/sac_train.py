@@ -52,6 +52,7 @@ class TrainConfig:
     eval_every: int = 10_000            # agent steps between evaluations
     eval_episodes: int = 10
     frame_size: int = 108
+    max_episode_steps: Optional[int] = None   # env steps; None = the task's 1000 (quick checks)
     sac: sac.SACConfig = sac.SACConfig()
     out_dir: Optional[str] = None
     save_params: bool = True
@@ -103,7 +104,7 @@ def make_env(config: TrainConfig, num_envs_per_seed: int, seed_offset: int = 0) 
     env_seeds = [s * 1000 + seed_offset + j for s in config.seeds for j in range(num_envs_per_seed)]
     return DMCEnv(config.task, num_envs=len(env_seeds), seed=env_seeds, pixels=config.pixels,
                   obs="full" if kind == "pixels" else kind, size=config.frame_size,
-                  action_repeat=config.repeat)
+                  action_repeat=config.repeat, max_episode_steps=config.max_episode_steps)
 
 
 class SACRunner:

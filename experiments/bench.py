@@ -1,6 +1,8 @@
 """Benchmarks: `python -m experiments.bench <name> [--flags]`.
 
   encoders    Flare and frame-stack encoders, forward and forward+backward, both CPU conv paths.
+  seeds       full-state SAC updates (256x256, batch 256, replay sampling included) for S = 1, 4,
+              8, 16 seeds vmapped into one compiled update: seed-updates/s and cost vs 1 seed.
   sac_update  one pixel SAC update (replay sampling + augmentation + update) at the reference
               settings (--encoder=flare|frame_stack|both), and full-state SAC updates per
               second (256x256 and 1024x1024 MLPs), fused (lax.scan) and unfused.
@@ -255,6 +257,51 @@ def _state_sac_updates(key):
         print(f"  hidden {hidden:4d}x{hidden:<4d}: unfused {1 / row[1]:7.0f} updates/s "
               f"({row[1] * 1e3:.2f} ms), fused x{FLAGS.fused} {1 / row[FLAGS.fused]:7.0f} updates/s "
               f"({row[FLAGS.fused] * 1e3:.2f} ms)", flush=True)
+
+
+flags.DEFINE_list("num_seeds", ["1", "4", "8", "16"], "seeds: the S values")
+flags.DEFINE_integer("hidden", 256, "seeds: MLP width")
+
+
+@benchmark
+def seeds():
+    """Vmapped multi-seed full-state SAC updates (the training loop's per-step device work)."""
+    from agents import sac  # pylint: disable=g-import-not-at-top
+    from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
+    obs_dim, action_dim, batch = 24, 6, 256
+    cfg = sac.SACConfig(encoder="state_full", hidden_dim=FLAGS.hidden, augmentation="none")
+    rcfg = rp.ReplayConfig(capacity=100_000, frame_shape=(obs_dim,), action_shape=(action_dim,),
+                           stack=1, frame_dtype=jnp.float32)
+
+    def one(agent, replay_state, key, count):
+        k1, k2 = jax.random.split(key)
+        return sac.update(agent, rp.sample(rcfg, replay_state, k1, batch), k2, count=count)[0]
+
+    fn = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None)), donate_argnums=0)
+    print(f"seeds: full-state SAC update (obs {obs_dim}, {action_dim}-dim actions, {FLAGS.hidden}x"
+          f"{FLAGS.hidden}, batch {batch}, replay of 100k sampled inside), S seeds vmapped in one "
+          f"call; median of {FLAGS.repeats} x 100 calls (pairs with and without the actor step)")
+    base = None
+    for s in (int(v) for v in FLAGS.num_seeds):
+        keys = jax.random.split(jax.random.PRNGKey(0), s)
+        agent = jax.vmap(lambda k: sac.init(k, jax.ShapeDtypeStruct((1, obs_dim), jnp.float32),
+                                            jax.ShapeDtypeStruct((action_dim,), jnp.float32), cfg))(keys)
+        replay_state = jax.vmap(lambda k: _filled_replay(rcfg, k, episode_len=1000))(keys)
+        for i in range(4):
+            agent = fn(agent, replay_state, keys, jnp.int32(i))
+        jax.block_until_ready(agent)
+        times = []
+        for r in range(FLAGS.repeats):
+            t = time.perf_counter()
+            for i in range(100):
+                agent = fn(agent, replay_state, jax.random.split(jax.random.PRNGKey(i), s), jnp.int32(i))
+            jax.block_until_ready(agent)
+            times.append((time.perf_counter() - t) / 100)
+        med = float(np.median(times))
+        base = base or med
+        _emit(dict(bench="seeds", seeds=s, s_per_call=med, seed_updates_per_s=s / med))
+        print(f"  S={s:3d}: {med * 1e3:7.2f} ms per vmapped update, {s / med:8.0f} seed-updates/s, "
+              f"{med / base:5.2f}x the wall time of 1 seed", flush=True)
 
 
 def main(argv):

@@ -14,6 +14,12 @@ SAC_PRESETS: dict[str, dict] = {
         eval_every=10_000, eval_episodes=10, hidden_dim=1024, critic_lr=2e-4, actor_lr=2e-4,
         alpha_lr=1e-4, init_temperature=0.1, encoder_tau=0.05, critic_tau=0.01,
         augmentation="translate", env_steps=500_000),
+    # The same settings for any DMC task (e.g. the cheap cartpole_swingup check).
+    "flare": dict(
+        pixels=True, encoder="flare", batch_size=128, replay_capacity=100_000, init_steps=10_000,
+        eval_every=10_000, eval_episodes=10, hidden_dim=1024, critic_lr=2e-4, actor_lr=2e-4,
+        alpha_lr=1e-4, init_temperature=0.1, encoder_tau=0.05, critic_tau=0.01,
+        augmentation="translate", env_steps=500_000),
     # The same for the RAD baseline (frame stack).
     "rad_paper": dict(
         pixels=True, encoder="frame_stack", batch_size=128, replay_capacity=100_000,

@@ -86,6 +86,12 @@ def build_config() -> sac_train.TrainConfig:
         raise app.UsageError(str(err)) from err
 
 
+def argv_flags() -> list[str]:
+    """The command-line flags this process was started with (for command.txt)."""
+    import sys  # pylint: disable=g-import-not-at-top
+    return [a for a in sys.argv[1:]]
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -95,6 +101,10 @@ def main(argv):
         sac_cfg.make_encoder()  # validates the encoder name and options
     except ValueError as err:
         raise app.UsageError(str(err)) from err
+    if config.out_dir:
+        os.makedirs(config.out_dir, exist_ok=True)
+        with open(os.path.join(config.out_dir, "command.txt"), "w") as f:
+            f.write("python -m experiments.train_sac " + " ".join(argv_flags()) + "\n")
     result = sac_train.train(config)
     print(f"final evaluation ({config.env_steps:,d} env steps): "
           f"{result['eval'][-1] if result['eval'] else 'none'}; logs in {config.out_dir}")

@@ -1,8 +1,8 @@
 """Atari torsos for Rainbow (reference.md section 4) and an MLP torso for vector observations.
 
 Input [..., T, 84, 84, C] (grey: C=1), oldest frame first, 0..255. Output [..., 256].
-Initialisers are Flax's defaults (LeCun-normal fan-in, truncated), i.e. Haiku's defaults that
-DQN Zoo's networks use.
+Initialisers are DQN Zoo's legacy scheme (its `conv`/`linear` helpers, which the Flare authors'
+Haiku fork uses): weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class _AtariTorso(nn.Module):
 
     def setup(self):
         self.convs = self._conv_stack()
-        self.projection = DenseLayerNorm(self.feature_dim, kernel_init=nn.initializers.lecun_normal())
+        self.projection = DenseLayerNorm(self.feature_dim, dqn_init=True)
 
     def head(self, h: Array) -> Array:
         return self.projection(h)
@@ -55,7 +55,8 @@ class AtariFlareTorso(_AtariTorso):
 
     def _conv_stack(self) -> ConvStack:
         return ConvStack(filters=(16, 32, 32), kernel_sizes=(8, 4, 3), strides=(4, 2, 1),
-                         relu_last=False, scale=1.0 / 255.0, impl=self.conv_impl)
+                         relu_last=False, scale=1.0 / 255.0, impl=self.conv_impl,
+                         dqn_init=True)
 
     def trunk(self, x: Array) -> Array:
         frames, lead = self._frames(x)                         # [N, T, H, W, C]
@@ -71,7 +72,8 @@ class AtariBaselineTorso(_AtariTorso):
 
     def _conv_stack(self) -> ConvStack:
         return ConvStack(filters=(16, 32, 32 * 6), kernel_sizes=(8, 4, 3), strides=(4, 2, 1),
-                         relu_last=True, scale=1.0 / 255.0, impl=self.conv_impl)
+                         relu_last=True, scale=1.0 / 255.0, impl=self.conv_impl,
+                         dqn_init=True)
 
     def trunk(self, x: Array) -> Array:
         frames, lead = self._frames(x)                         # [N, T, H, W, C]

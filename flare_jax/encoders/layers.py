@@ -30,6 +30,17 @@ def delta_orthogonal(scale: float = math.sqrt(2.0)) -> nn.initializers.Initializ
     return init
 
 
+def dqn_uniform(fan_in: int) -> nn.initializers.Initializer:
+    """DQN's legacy initialiser (DQN Zoo `_dqn_default_initializer`): U(-c, c), c = 1/sqrt(fan_in),
+    for weights and biases alike."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
 def to_unit_float(pixels: Array) -> Array:
     """uint8 or float pixels holding 0..255 -> float32 in [0, 1]."""
     return pixels.astype(jnp.float32) / 255.0
@@ -58,16 +69,24 @@ def conv_output_size(size: int, kernels: Sequence[int], strides: Sequence[int]) 
 
 
 class _ConvWeights(nn.Module):
-    """Declares one conv layer's parameters {kernel [kh, kw, in, out], bias [out]}."""
+    """Declares one conv layer's parameters {kernel [kh, kw, in, out], bias [out]}.
+
+    `dqn_init`: kernel and bias ~ U(+-1/sqrt(kh*kw*in)) (DQN Zoo); else `kernel_init`, zero bias.
+    """
     features: int
     kernel_size: int
     kernel_init: nn.initializers.Initializer
+    dqn_init: bool = False
 
     @nn.compact
     def __call__(self, in_features: int):
         k = self.kernel_size
-        kernel = self.param("kernel", self.kernel_init, (k, k, in_features, self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        if self.dqn_init:
+            kernel_init = bias_init = dqn_uniform(k * k * in_features)
+        else:
+            kernel_init, bias_init = self.kernel_init, nn.initializers.zeros
+        kernel = self.param("kernel", kernel_init, (k, k, in_features, self.features))
+        bias = self.param("bias", bias_init, (self.features,))
         return kernel, bias
 
 
@@ -84,6 +103,7 @@ class ConvStack(nn.Module):
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     scale: float = 1.0
     impl: str = "auto"
+    dqn_init: bool = False          # DQN Zoo's U(+-1/sqrt(fan_in)) for kernels and biases
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -98,7 +118,8 @@ class ConvStack(nn.Module):
         kernels, biases = [], []
         in_features = x.shape[-1]
         for i, (f, k) in enumerate(zip(self.filters, self.kernel_sizes)):
-            kernel, bias = _ConvWeights(f, k, self.kernel_init, name=f"conv_{i}")(in_features)
+            kernel, bias = _ConvWeights(f, k, self.kernel_init, self.dqn_init,
+                                        name=f"conv_{i}")(in_features)
             kernels.append(kernel)
             biases.append(bias)
             in_features = f
@@ -106,14 +127,21 @@ class ConvStack(nn.Module):
 
 
 class DenseLayerNorm(nn.Module):
-    """Dense(features) -> LayerNorm(eps 1e-5, learned scale/offset); no activation (no tanh)."""
+    """Dense(features) -> LayerNorm(eps 1e-5, learned scale/offset); no activation (no tanh).
+
+    Init: `kernel_init` and zero bias, or DQN Zoo's U(+-1/sqrt(fan_in)) for both (`dqn_init`).
+    """
     features: int
     kernel_init: nn.initializers.Initializer = nn.initializers.orthogonal(1.0)
+    dqn_init: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x = nn.Dense(self.features, kernel_init=self.kernel_init, bias_init=nn.initializers.zeros,
-                     name="dense")(x)
+        if self.dqn_init:
+            kernel_init = bias_init = dqn_uniform(x.shape[-1])
+        else:
+            kernel_init, bias_init = self.kernel_init, nn.initializers.zeros
+        x = nn.Dense(self.features, kernel_init=kernel_init, bias_init=bias_init, name="dense")(x)
         return nn.LayerNorm(epsilon=1e-5, name="layer_norm")(x)
 
 

@@ -80,6 +80,7 @@ class DMCEnv:
       obs: states only: "full" (positions and velocities, `dmc_tasks.state_layout` order) or
         "position" (only `dmc_tasks.position_indices`).
       size: pixel frame height and width.
+      max_episode_steps: episode time limit in env steps (default: the task's, 1000).
       action_repeat: env steps per agent step; None takes the task preset.
 
     Attributes:
@@ -93,7 +94,8 @@ class DMCEnv:
     """
 
     def __init__(self, task: str, num_envs: int = 1, seed=0, pixels: bool = False,
-                 obs: str = "full", size: int = 108, action_repeat: int | None = None):
+                 obs: str = "full", size: int = 108, action_repeat: int | None = None,
+                 max_episode_steps: int | None = None):
         self.task = dmc_tasks.get_task(task)
         if obs not in OBS_CHOICES:
             raise ValueError(f"obs must be one of {OBS_CHOICES}, got {obs!r}")
@@ -119,6 +121,10 @@ class DMCEnv:
         if self.pixels:
             kwargs = dict(from_pixels=True, render_height=self.size, render_width=self.size,
                           render_camera_id=self.task.camera)
+        if max_episode_steps is not None:   # shorter episodes (env steps), for quick checks
+            if max_episode_steps < 1:
+                raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+            kwargs["max_episode_steps"] = int(max_episode_steps)
         if np.ndim(seed) == 0:
             seed = int(seed)
         else:

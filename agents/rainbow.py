@@ -1,0 +1,216 @@
+"""Distributional Rainbow (DQN Zoo's, reference.md section 4) with any torso, as pure functions.
+
+    config = RainbowConfig(torso="atari_flare")
+    state = init(key, obs_spec, num_actions, config)
+    actions = act(state, obs, key)                              # noisy greedy (epsilon optional)
+    state, metrics, priorities = update(state, batch, weights, key)
+
+Network: torso from `flare_jax.encoders` (AtariFlareTorso, AtariBaselineTorso or an MLP for vector
+observations) -> dueling C51 heads with factorised-Gaussian noisy layers (DQN Zoo's
+`noisy_linear`: noise from a truncated normal in [-2, 2] through sign(x) sqrt|x|, shared over
+the batch; mu ~ U(+-1/sqrt(n_in)), sigma = sigma0/sqrt(n_in)):
+  value:     noisy 512 (bias) -> ReLU -> noisy 51 (no bias)
+  advantage: noisy 512 (bias) -> ReLU -> noisy |A|*51 (no bias)
+  q_logits = V + A - mean_a A   [B, |A|, 51],  Q = sum softmax(q_logits) * z,  z in [-10, 10].
+
+The noise of one network call is a function of one key: `noise_keys(key)` splits it into the four
+layers' keys (advantage hidden, advantage out, value hidden, value out), each split into
+(input noise, output noise). The loss evaluates the online net on s_t, and the online net (action
+selection, double Q) and the target net on s_{t+n} with three independent keys.
+
+Loss: rlax's categorical double-Q learning (projection of the target distribution on the support),
+weighted by the importance weights; priorities = clip(per-sample loss, 0, 100). Adam(6.25e-5,
+eps 1.5625e-4) after global-norm clipping at 10; hard target copy every `target_update_period`
+updates (32,000 frames / 16 frames per update = 2,000).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+import rlax
+from flax import struct
+
+from flare_jax.encoders import make_encoder
+from flare_jax.encoders.layers import dqn_uniform
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class RainbowConfig:
+    torso: str = "atari_flare"
+    torso_kwargs: tuple[tuple[str, Any], ...] = ()
+    num_atoms: int = 51
+    v_min: float = -10.0
+    v_max: float = 10.0
+    head_hidden: int = 512
+    noisy_sigma0: float = 0.1
+    learning_rate: float = 6.25e-5
+    adam_eps: float = 1.5625e-4
+    max_global_norm: float = 10.0
+    target_update_period: int = 2_000      # updates (32,000 frames at one update per 16 frames)
+    max_priority: float = 100.0
+
+    def __post_init__(self):
+        if isinstance(self.torso_kwargs, dict):
+            object.__setattr__(self, "torso_kwargs", tuple(sorted(self.torso_kwargs.items())))
+        if self.num_atoms < 2 or self.v_max <= self.v_min:
+            raise ValueError(f"need num_atoms >= 2 and v_max > v_min, got {self.num_atoms}, "
+                             f"[{self.v_min}, {self.v_max}]")
+        if self.target_update_period < 1:
+            raise ValueError(f"target_update_period must be >= 1, got {self.target_update_period}")
+
+    @property
+    def support(self) -> Array:
+        return jnp.linspace(self.v_min, self.v_max, self.num_atoms)
+
+
+def _noise_sqrt(key: Array, size: int) -> Array:
+    noise = jax.random.truncated_normal(key, -2.0, 2.0, (1, size))
+    return jax.lax.stop_gradient(jnp.sign(noise) * jnp.sqrt(jnp.abs(noise)))
+
+
+class NoisyDense(nn.Module):
+    """DQN Zoo's factorised noisy linear layer. `key=None` gives the mean network (mu only)."""
+    features: int
+    sigma0: float
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, key: Optional[Array]) -> Array:
+        n_in = x.shape[-1]
+        mu_init = dqn_uniform(n_in)
+        mu = nn.Dense(self.features, use_bias=self.use_bias, kernel_init=mu_init, bias_init=mu_init,
+                      name="mu")(x)
+        sigma_init = nn.initializers.constant(self.sigma0 / math.sqrt(n_in))
+        sigma_layer = nn.Dense(self.features, kernel_init=sigma_init, bias_init=sigma_init, name="sigma")
+        if key is None:
+            if self.is_initializing():
+                sigma_layer(x)
+            return mu
+        k_in, k_out = jax.random.split(key)
+        return mu + sigma_layer(x * _noise_sqrt(k_in, n_in)) * _noise_sqrt(k_out, self.features)
+
+
+def noise_keys(key: Array) -> Array:
+    """The 4 noisy layers' keys of one network call: advantage hidden/out, value hidden/out."""
+    return jax.random.split(key, 4)
+
+
+class RainbowNetwork(nn.Module):
+    """obs [B, T, *frame] -> q_logits [B, |A|, atoms]."""
+    torso: nn.Module
+    num_actions: int
+    num_atoms: int
+    head_hidden: int
+    sigma0: float
+
+    @nn.compact
+    def __call__(self, obs: Array, key: Optional[Array]) -> Array:
+        h = self.torso(obs)
+        keys = [None] * 4 if key is None else list(noise_keys(key))
+        adv = nn.relu(NoisyDense(self.head_hidden, self.sigma0, name="advantage_hidden")(h, keys[0]))
+        adv = NoisyDense(self.num_actions * self.num_atoms, self.sigma0, use_bias=False,
+                         name="advantage_out")(adv, keys[1])
+        adv = adv.reshape(adv.shape[:-1] + (self.num_actions, self.num_atoms))
+        val = nn.relu(NoisyDense(self.head_hidden, self.sigma0, name="value_hidden")(h, keys[2]))
+        val = NoisyDense(self.num_atoms, self.sigma0, use_bias=False, name="value_out")(val, keys[3])
+        val = val[..., None, :]
+        return val + adv - jnp.mean(adv, axis=-2, keepdims=True)
+
+
+def make_network(config: RainbowConfig, num_actions: int) -> RainbowNetwork:
+    torso = make_encoder(config.torso, **dict(config.torso_kwargs))
+    return RainbowNetwork(torso=torso, num_actions=num_actions, num_atoms=config.num_atoms,
+                          head_hidden=config.head_hidden, sigma0=config.noisy_sigma0)
+
+
+def q_values(config: RainbowConfig, q_logits: Array) -> Array:
+    """[..., A, atoms] logits -> [..., A] expected returns."""
+    return jnp.sum(jax.nn.softmax(q_logits) * config.support, axis=-1)
+
+
+@struct.dataclass
+class RainbowState:
+    params: Any
+    target_params: Any
+    opt_state: Any
+    updates: Array                                   # [] int32
+    config: RainbowConfig = struct.field(pytree_node=False)
+    num_actions: int = struct.field(pytree_node=False)
+
+
+def _optimizer(config: RainbowConfig) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(config.max_global_norm),
+                       optax.adam(config.learning_rate, eps=config.adam_eps))
+
+
+def init(key: Array, obs_spec, num_actions: int, config: RainbowConfig = RainbowConfig()) -> RainbowState:
+    """obs_spec: one observation [T, *frame] (e.g. (4, 84, 84, 1) uint8)."""
+    net = make_network(config, num_actions)
+    k_params, k_noise = jax.random.split(key)
+    obs = jnp.zeros((1,) + tuple(obs_spec.shape), getattr(obs_spec, "dtype", jnp.float32))
+    params = net.init(k_params, obs, k_noise)["params"]
+    return RainbowState(params=params, target_params=jax.tree.map(jnp.copy, params),
+                        opt_state=_optimizer(config).init(params), updates=jnp.zeros((), jnp.int32),
+                        config=config, num_actions=num_actions)
+
+
+def apply_network(state: RainbowState, params, obs: Array, key: Optional[Array]) -> Array:
+    return make_network(state.config, state.num_actions).apply({"params": params}, obs, key)
+
+
+def act(state: RainbowState, obs: Array, key: Array, epsilon: float | Array = 0.0) -> Array:
+    """obs [N, T, *frame] -> greedy actions [N] under fresh network noise (epsilon-greedy if > 0)."""
+    k_noise, k_eps, k_rand = jax.random.split(key, 3)
+    q = q_values(state.config, apply_network(state, state.params, obs, k_noise))
+    greedy = jnp.argmax(q, axis=-1)
+    n = obs.shape[0]
+    explore = jax.random.uniform(k_eps, (n,)) < epsilon
+    random_actions = jax.random.randint(k_rand, (n,), 0, state.num_actions)
+    return jnp.where(explore, random_actions, greedy).astype(jnp.int32)
+
+
+def loss_fn(state: RainbowState, params, batch, weights: Array, key: Array):
+    """Importance-weighted double-Q categorical loss; returns (loss, per-sample losses)."""
+    config = state.config
+    k_online, k_target, k_select = jax.random.split(key, 3)
+    logits_tm1 = apply_network(state, params, batch.obs, k_online)               # [B, A, K]
+    logits_t = apply_network(state, state.target_params, batch.next_obs, k_target)
+    logits_select = apply_network(state, params, batch.next_obs, k_select)
+    q_select = jax.lax.stop_gradient(q_values(config, logits_select))            # [B, A]
+    support = config.support
+    per_sample = jax.vmap(rlax.categorical_double_q_learning,
+                          in_axes=(None, 0, 0, 0, 0, None, 0, 0))(
+        support, logits_tm1, batch.action, batch.reward, batch.discount, support, logits_t,
+        q_select)
+    chex.assert_shape(per_sample, (batch.reward.shape[0],))
+    return jnp.mean(weights * per_sample), per_sample
+
+
+def update(state: RainbowState, batch, weights: Array, key: Array) -> tuple[RainbowState, dict, Array]:
+    """One Rainbow update on `batch` (flare_jax.replay.Batch: n-step reward, discount =
+    gamma^n * prod(transition discounts)) with importance weights [B].
+
+    Returns the new state, metrics and the new priorities [B] = clip(per-sample loss, 0, 100).
+    """
+    config = state.config
+    (loss, per_sample), grads = jax.value_and_grad(
+        lambda p: loss_fn(state, p, batch, weights, key), has_aux=True)(state.params)
+    updates, opt_state = _optimizer(config).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    count = state.updates + 1
+    target = jax.tree.map(lambda t, p: jnp.where(count % config.target_update_period == 0, p, t),
+                          state.target_params, params)
+    priorities = jnp.clip(jax.lax.stop_gradient(per_sample), 0.0, config.max_priority)
+    metrics = {"loss": loss, "per_sample_loss_mean": jnp.mean(per_sample),
+               "grad_norm": optax.global_norm(grads)}
+    return (state.replace(params=params, target_params=target, opt_state=opt_state, updates=count),
+            metrics, priorities)

@@ -1,0 +1,188 @@
+"""The paper's state-space study (section 4, Figs. 2-3): SAC from DMC states with velocities
+removed, and what recovers them.
+
+  python -m experiments.state_study --tasks=cartpole_swingup,walker_walk \
+      --variants=state_full,state_position,state_flare,state_stack,state_recurrent \
+      --seeds=0,1,2 --env_steps=100000 --out_dir=results/state_study/large
+
+Variants (flare_jax.encoders.state; reference.md section 3):
+  state_full       positions and velocities (the upper line)
+  state_position   positions only (velocities removed: flare_jax.envs.dmc_tasks)
+  state_flare      (s_t, s_t - s_{t-1}, s_{t-1} - s_{t-2}, s_{t-2} - s_{t-3}) of positions
+  state_stack      (s_t, s_{t-1}, s_{t-2}, s_{t-3})
+  state_recurrent  LSTM over s_{t-3..t} (hidden = size of the offsets), trained by the critic
+
+All seeds of a (task, variant) run in one process, vmapped (agents/sac_train.py). Writes
+<out_dir>/<task>/<variant>/seed_<s>/eval.csv, <out_dir>/curves.png (one panel per task, mean +-
+standard error over seeds, env steps on x), <out_dir>/final_returns.md and summary.csv. A finished
+(task, variant) is not run again, so an interrupted study resumes where it stopped.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import time
+
+from absl import app, flags
+
+import flare_jax  # noqa: F401  (XLA CPU settings before JAX starts)
+
+import numpy as np
+
+from agents import sac, sac_train
+from experiments import presets
+from experiments.report import load_runs, mean_and_se
+from flare_jax.encoders import ENCODERS
+from flare_jax.envs import dmc_tasks
+
+VARIANTS = ("state_full", "state_position", "state_flare", "state_stack", "state_recurrent")
+LABELS = {"state_full": "full state", "state_position": "position only",
+          "state_flare": "state-Flare", "state_stack": "position stack",
+          "state_recurrent": "recurrent (LSTM)"}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("tasks", ["cartpole_swingup", "pendulum_swingup"],
+                  f"DMC tasks, from {sorted(dmc_tasks.TASKS)}")
+flags.DEFINE_list("variants", list(VARIANTS), f"state encoders, from {list(VARIANTS)}")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (vmapped in one process per task/variant)")
+flags.DEFINE_integer("env_steps", 100_000, "environment steps per run (agent steps x action repeat)")
+flags.DEFINE_integer("evals", 10, "evaluations per run (evenly spaced)")
+flags.DEFINE_integer("eval_episodes", 10, "episodes per evaluation")
+flags.DEFINE_string("out_dir", "results/state_study/run", "output directory")
+flags.DEFINE_string("title", "", "figure title")
+
+
+def study_config(task: str, variant: str, seeds, env_steps: int, evals: int, eval_episodes: int,
+                 out_dir: str) -> sac_train.TrainConfig:
+    """The state preset of experiments.presets for one (task, variant)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
+    p = presets.get_preset("state")
+    repeat = dmc_tasks.get_task(task).action_repeat
+    agent_steps = -(-env_steps // repeat)
+    sac_fields = {f.name for f in dataclasses.fields(sac.SACConfig)}
+    sac_cfg = sac.SACConfig(encoder=variant, **{k: v for k, v in p.items()
+                                                 if k in sac_fields and k != "encoder"})
+    return sac_train.TrainConfig(
+        task=task, pixels=False, seeds=tuple(int(s) for s in seeds), env_steps=env_steps,
+        batch_size=p["batch_size"], replay_capacity=p["replay_capacity"],
+        init_steps=min(p["init_steps"], agent_steps // 10), eval_every=max(1, agent_steps // evals),
+        eval_episodes=eval_episodes, sac=sac_cfg, out_dir=out_dir, tensorboard=False)
+
+
+def finished(run_dir: str, seeds, env_steps: int) -> bool:
+    for s in seeds:
+        path = os.path.join(run_dir, f"seed_{s}", "eval.csv")
+        if not os.path.exists(path) or not os.path.exists(os.path.join(run_dir, f"seed_{s}", "params_final.msgpack")):
+            return False
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        if not rows or int(rows[-1]["step"]) < env_steps:
+            return False
+    return True
+
+
+def run_study(tasks, variants, seeds, env_steps, evals, eval_episodes, out_dir, log=print):
+    total = len(tasks) * len(variants)
+    t0 = time.time()
+    for i, task in enumerate(tasks):
+        for j, variant in enumerate(variants):
+            run_dir = os.path.join(out_dir, task, variant)
+            n = i * len(variants) + j + 1
+            if finished(run_dir, seeds, env_steps):
+                log(f"[study] {n}/{total} {task} {variant}: already done, skipped")
+                continue
+            log(f"[study] {n}/{total} {task} {variant} ({len(seeds)} seeds vmapped), "
+                f"{(time.time() - t0) / 60:.1f} min so far")
+            cfg = study_config(task, variant, seeds, env_steps, evals, eval_episodes, run_dir)
+            result = sac_train.train(cfg, log=log)
+            if result["interrupted"]:
+                raise KeyboardInterrupt
+    log(f"[study] all runs done in {(time.time() - t0) / 60:.1f} min")
+
+
+def summarise(tasks, variants, out_dir, title="") -> tuple[str, str]:
+    """Writes curves.png, final_returns.md and summary.csv; returns (markdown table, png path)."""
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    rows = []
+    for ax, task in zip(axes[0], tasks):
+        for k, variant in enumerate(variants):
+            run_dir = os.path.join(out_dir, task, variant)
+            try:
+                runs = load_runs(run_dir)
+            except FileNotFoundError:
+                continue
+            curves = [r for _, r in runs.values()]
+            steps = min((s for s, _ in runs.values()), key=len)
+            mean, se = mean_and_se(curves)
+            color = f"C{k}"
+            ax.plot(steps[:len(mean)], mean, label=LABELS.get(variant, variant), color=color)
+            ax.fill_between(steps[:len(mean)], mean - se, mean + se, alpha=0.2, color=color)
+            finals = np.array([c[-1] for c in curves])
+            fse = finals.std(ddof=1) / np.sqrt(len(finals)) if len(finals) > 1 else 0.0
+            rows.append(dict(task=task, variant=variant, seeds=len(finals),
+                             env_steps=int(steps[len(mean) - 1]), final_mean=finals.mean(),
+                             final_se=fse, finals=" ".join(f"{v:.1f}" for v in finals)))
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("environment steps")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("evaluation return")
+    axes[0][-1].legend(fontsize=8, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    png = os.path.join(out_dir, "curves.png")
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
+        if rows:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    header = "| variant | " + " | ".join(tasks) + " |"
+    lines = [header, "|---" * (len(tasks) + 1) + "|"]
+    by = {(r["task"], r["variant"]): r for r in rows}
+    for variant in variants:
+        cells = []
+        for task in tasks:
+            r = by.get((task, variant))
+            cells.append("-" if r is None else f"{r['final_mean']:.1f} +- {r['final_se']:.1f}")
+        lines.append(f"| {LABELS.get(variant, variant)} | " + " | ".join(cells) + " |")
+    steps_note = ", ".join(sorted({f"{r['task']}: {r['env_steps']:,d}" for r in rows}))
+    table = "\n".join(lines)
+    md = (f"# Final evaluation return (mean +- s.e. over seeds)\n\n{table}\n\n"
+          f"Env steps at the final evaluation: {steps_note}.\n")
+    with open(os.path.join(out_dir, "final_returns.md"), "w") as f:
+        f.write(md)
+    return table, png
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    for t in FLAGS.tasks:
+        try:
+            dmc_tasks.get_task(t)
+        except ValueError as err:
+            raise app.UsageError(str(err)) from err
+    for v in FLAGS.variants:
+        if v not in VARIANTS:
+            raise app.UsageError(f"unknown variant {v!r}; valid variants: {', '.join(VARIANTS)}")
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    with open(os.path.join(FLAGS.out_dir, "command.txt"), "w") as f:
+        import sys  # pylint: disable=g-import-not-at-top
+        f.write("python -m experiments.state_study " + " ".join(sys.argv[1:]) + "\n")
+    run_study(FLAGS.tasks, FLAGS.variants, FLAGS.seeds, FLAGS.env_steps, FLAGS.evals,
+              FLAGS.eval_episodes, FLAGS.out_dir)
+    table, png = summarise(FLAGS.tasks, FLAGS.variants, FLAGS.out_dir, FLAGS.title)
+    print("\n" + table + f"\n\nplot: {png}")
+
+
+if __name__ == "__main__":
+    from flare_jax.runtime import reexec_with_tcmalloc
+    reexec_with_tcmalloc("experiments.state_study")
+    app.run(main)

@@ -1,0 +1,127 @@
+"""Prioritised replay on the device (Schaul et al. 2016, as in DQN Zoo's Rainbow).
+
+The frames, stacks and n-step returns come from `flare_jax.replay` (one frame per slot); this
+module adds two sum trees over its [E, S] slots (`flare_jax.sum_tree`):
+
+* `priorities`: leaf = priority ** alpha for slots holding a valid transition, 0 otherwise;
+* `valid`: leaf = 1 for valid slots, 0 otherwise (uniform draws over valid transitions and their
+  count).
+
+A draw is uniform over valid transitions with probability `uniform_mix` (1e-3) and proportional
+to priority ** alpha otherwise: P(i) = (1 - eps) p_i^a / sum_j p_j^a + eps / N_valid. Importance
+weights (N_valid * P(i)) ** -beta are normalised by the batch maximum. New transitions enter at
+the largest priority seen so far. Invalid slots (not yet written, episode starts, n-step window
+not complete, stack history overwritten) have zero weight in both trees and are never drawn;
+a zero-priority valid transition is reachable only through the uniform mixture.
+
+Each `add` refreshes the (2 + stack) slots per env whose validity can change: the slot written,
+the slot whose n-step window completes, and the slots at the old end of the ring.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from flare_jax import replay as rp
+from flare_jax import sum_tree
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PrioritizedConfig:
+    replay: rp.ReplayConfig
+    alpha: float = 0.5               # priority exponent
+    uniform_mix: float = 1e-3        # probability of a uniform draw
+    initial_max_priority: float = 1.0
+    normalize_weights: bool = True
+
+    def __post_init__(self):
+        if not 0.0 <= self.uniform_mix <= 1.0:
+            raise ValueError(f"uniform_mix must be in [0, 1], got {self.uniform_mix}")
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+
+
+@struct.dataclass
+class PrioritizedState:
+    replay: rp.ReplayState
+    priorities: sum_tree.SumTree     # leaves [E*S]: priority ** alpha on valid slots
+    valid: sum_tree.SumTree          # leaves [E*S]: 1 on valid slots
+    max_priority: Array              # [] largest priority seen (before the exponent)
+
+
+def init(config: PrioritizedConfig) -> PrioritizedState:
+    n = config.replay.num_envs * config.replay.slots
+    return PrioritizedState(replay=rp.init(config.replay), priorities=sum_tree.init(n),
+                            valid=sum_tree.init(n),
+                            max_priority=jnp.asarray(config.initial_max_priority, jnp.float32))
+
+
+def _flat(config: PrioritizedConfig, env: Array, slot: Array) -> Array:
+    return env * config.replay.slots + slot
+
+
+def add(config: PrioritizedConfig, state: PrioritizedState, frame: Array, action: Array,
+        reward: Array, discount: Array, first: Array) -> PrioritizedState:
+    """`replay.add` plus the tree refresh of the slots whose validity may have changed."""
+    rc = config.replay
+    s, e = rc.slots, rc.num_envs
+    old = state.replay.cursor
+    replay = rp.add(rc, state.replay, frame, action, reward, discount, first)
+    new = replay.cursor
+    ready = (old - (rc.n_step - 1)) % s                          # n-step window just completed
+    slots = jnp.stack([old, ready] + [(new + j) % s for j in range(rc.stack)])   # [2 + stack]
+    env = jnp.repeat(jnp.arange(e), slots.shape[0])
+    slot = jnp.tile(slots, e)
+    idx = _flat(config, env, slot)
+    valid = rp._valid(rc, replay, env, slot)                     # pylint: disable=protected-access
+    current = state.priorities.nodes[idx + state.priorities.capacity]
+    fresh = state.max_priority ** config.alpha
+    prio = jnp.where(valid, jnp.where(slot == ready, fresh, current), 0.0)
+    return state.replace(replay=replay,
+                         priorities=sum_tree.set_leaves(state.priorities, idx, prio),
+                         valid=sum_tree.set_leaves(state.valid, idx, valid.astype(jnp.float32)))
+
+
+def sample(config: PrioritizedConfig, state: PrioritizedState, key: Array, batch_size: int,
+           beta: Array) -> tuple[rp.Batch, Array, Array]:
+    """(batch, importance weights [B], probabilities [B]); requires at least one valid slot."""
+    k_prop, k_unif, k_mix = jax.random.split(key, 3)
+    eps = config.uniform_mix
+    prio_total = state.priorities.total()
+    num_valid = state.valid.total()
+    prop = sum_tree.sample(state.priorities, k_prop, batch_size)
+    unif = sum_tree.sample(state.valid, k_unif, batch_size)
+    use_unif = (jax.random.uniform(k_mix, (batch_size,)) < eps) | (prio_total <= 0)
+    idx = jnp.where(use_unif, unif, prop)
+    p_prop = jnp.where(prio_total > 0,
+                       state.priorities.nodes[idx + state.priorities.capacity] / prio_total, 0.0)
+    mix = jnp.where(prio_total > 0, eps, 1.0)
+    prob = (1.0 - mix) * p_prop + mix / num_valid
+    weights = (num_valid * prob) ** (-beta)
+    if config.normalize_weights:
+        weights = weights / jnp.max(weights)
+    s = config.replay.slots
+    batch = rp.gather(config.replay, state.replay, idx // s, idx % s)
+    return batch, weights, prob
+
+
+def update_priorities(config: PrioritizedConfig, state: PrioritizedState, env: Array, slot: Array,
+                      priorities: Array) -> PrioritizedState:
+    """Sets the priorities (>= 0, before the exponent) of sampled transitions [B]."""
+    chex.assert_equal_shape([env, slot, priorities])
+    idx = _flat(config, env, slot)
+    still_valid = state.valid.nodes[idx + state.valid.capacity] > 0
+    leaf = jnp.where(still_valid, jnp.maximum(priorities, 0.0) ** config.alpha, 0.0)
+    return state.replace(priorities=sum_tree.set_leaves(state.priorities, idx, leaf),
+                         max_priority=jnp.maximum(state.max_priority, jnp.max(priorities)))
+
+
+def beta_schedule(progress: Array, start: float = 0.4, end: float = 1.0) -> Array:
+    """Importance exponent annealed linearly from `start` to `end` as progress goes 0 -> 1."""
+    return start + (end - start) * jnp.clip(progress, 0.0, 1.0)
