@@ -43,3 +43,32 @@ def get_preset(name: str) -> dict:
         return dict(SAC_PRESETS[name])
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(SAC_PRESETS))}") from None
+
+
+# Rainbow (reference.md section 4). Frames are emulator frames (4 per Atari agent step).
+RAINBOW_PRESETS: dict[str, dict] = {
+    # DQN Zoo's Rainbow with the paper's protocol: 1M-frame training phases alternating with 500k
+    # evaluation frames, 100M training frames per game.
+    "atari": dict(
+        network="flare", frames=100_000_000, num_envs=4, eval_every_frames=1_000_000,
+        eval_frames=500_000, eval_envs=4, learn_period_frames=16, batch_size=32,
+        replay_capacity=1_000_000, min_replay=20_000, n_step=3, learning_rate=6.25e-5,
+        target_update_frames=32_000, v_min=-10.0, v_max=10.0),
+    # Fast learning check on envpool CartPole-v1 with an MLP torso and the full Rainbow machinery
+    # (PER, n-step, noisy dueling C51, double Q). Returns reach 100 with discount 0.99, hence the
+    # support [0, 100]; a larger learning rate and a faster target copy than Atari.
+    "cartpole": dict(
+        network="mlp", frames=30_000, num_envs=1, eval_every_frames=5_000, eval_frames=4_000,
+        eval_envs=4, learn_period_frames=1, batch_size=64, replay_capacity=60_000,
+        min_replay=1_000, n_step=3, learning_rate=5e-4, target_update_frames=500,
+        v_min=0.0, v_max=100.0),
+}
+RAINBOW_NETWORKS = {"flare": "atari_flare", "baseline": "atari_baseline", "mlp": "mlp"}
+
+
+def get_rainbow_preset(name: str) -> dict:
+    try:
+        return dict(RAINBOW_PRESETS[name])
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; valid presets: "
+                         f"{', '.join(sorted(RAINBOW_PRESETS))}") from None
