@@ -3,6 +3,9 @@
   encoders    Flare and frame-stack encoders, forward and forward+backward, both CPU conv paths.
   seeds       full-state SAC updates (256x256, batch 256, replay sampling included) for S = 1, 4,
               8, 16 seeds vmapped into one compiled update: seed-updates/s and cost vs 1 seed.
+  rainbow     Rainbow update (Flare and baseline torsos, batch 32), PER sample + priority update
+              at 1M capacity, and end-to-end training frames/s on Pong with the time shares of
+              env stepping, acting, replay and updates.
   sac_update  one pixel SAC update (replay sampling + augmentation + update) at the reference
               settings (--encoder=flare|frame_stack|both), and full-state SAC updates per
               second (256x256 and 1024x1024 MLPs), fused (lax.scan) and unfused.
@@ -13,6 +16,7 @@ parent prints them side by side with their ratio.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -302,6 +306,109 @@ def seeds():
         _emit(dict(bench="seeds", seeds=s, s_per_call=med, seed_updates_per_s=s / med))
         print(f"  S={s:3d}: {med * 1e3:7.2f} ms per vmapped update, {s / med:8.0f} seed-updates/s, "
               f"{med / base:5.2f}x the wall time of 1 seed", flush=True)
+
+
+flags.DEFINE_integer("e2e_frames", 40_000, "rainbow: frames of the end-to-end Pong run")
+flags.DEFINE_integer("rainbow_envs", 4, "rainbow: parallel envs of the end-to-end run")
+flags.DEFINE_integer("per_capacity", 1_000_000, "rainbow: PER capacity (transitions)")
+
+
+def _median_call_s(fn, *args, calls: int, repeats: int):
+    out = fn(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t) / calls)
+    return float(np.median(times))
+
+
+@benchmark
+def rainbow():
+    """Rainbow: update, PER at 1M, and the end-to-end loop on Pong."""
+    from agents import rainbow as rb  # pylint: disable=g-import-not-at-top
+    from agents import rainbow_train  # pylint: disable=g-import-not-at-top
+    from flare_jax import prioritized as per  # pylint: disable=g-import-not-at-top
+    from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
+    from flare_jax import sum_tree  # pylint: disable=g-import-not-at-top
+    key = jax.random.PRNGKey(0)
+    num_actions, batch = 6, 32
+    print(f"rainbow: backend {jax.default_backend()}, median of {FLAGS.repeats}")
+    update_ms = {}
+    for torso in ("atari_flare", "atari_baseline"):
+        state = rb.init(key, jax.ShapeDtypeStruct((4, 84, 84, 1), jnp.uint8), num_actions,
+                        rb.RainbowConfig(torso=torso))
+        obs = jax.random.randint(key, (batch, 4, 84, 84, 1), 0, 256).astype(jnp.uint8)
+        b = rp.Batch(obs=obs, action=jnp.zeros(batch, jnp.int32), reward=jnp.ones(batch),
+                     discount=jnp.full(batch, 0.97), next_obs=obs[::-1], env=jnp.zeros(batch, jnp.int32),
+                     slot=jnp.zeros(batch, jnp.int32))
+        fn = jax.jit(lambda s, k: rb.update(s, b, jnp.ones(batch), k)[0])
+        update_ms[torso] = 1e3 * _median_call_s(fn, state, key, calls=20, repeats=FLAGS.repeats)
+        _emit(dict(bench="rainbow_update", torso=torso, ms=update_ms[torso]))
+        print(f"  update, {torso:15s} batch {batch}: {update_ms[torso]:7.1f} ms", flush=True)
+
+    # PER at 1M: sample a batch (sum-tree descent + stack/n-step gather) and write priorities back
+    rc = rp.ReplayConfig(capacity=FLAGS.per_capacity, frame_shape=(84, 84, 1), action_shape=(),
+                         num_envs=1, stack=4, frame_dtype=jnp.uint8, action_dtype=jnp.int32,
+                         pad="zeros", n_step=3)
+    pc = per.PrioritizedConfig(replay=rc)
+    state = per.init(pc)
+    n = rc.slots
+    state = state.replace(
+        replay=state.replay.replace(count=jnp.array(n, jnp.int32), first=(jnp.arange(n) % 2000 == 0)[None]),
+        priorities=sum_tree.set_leaves(state.priorities, jnp.arange(n),
+                                       jax.random.uniform(key, (n,)) * (jnp.arange(n) % 2000 != 0)),
+        valid=sum_tree.set_leaves(state.valid, jnp.arange(n), (jnp.arange(n) % 2000 != 0).astype(jnp.float32)))
+    sample = jax.jit(lambda s, k: per.sample(pc, s, k, batch, 0.5))
+    t_sample = _median_call_s(sample, state, key, calls=50, repeats=FLAGS.repeats)
+    b, _, _ = sample(state, key)
+    prio_fn = jax.jit(lambda tree, pr: sum_tree.set_leaves(tree, b.env * rc.slots + b.slot, pr))
+    t_prio = _median_call_s(prio_fn, state.priorities, jnp.ones(batch), calls=50, repeats=FLAGS.repeats)
+    print(f"  PER at {FLAGS.per_capacity:,d} transitions (sum tree, depth "
+          f"{state.priorities.depth}): sample {batch} + gather stacks {t_sample * 1e3:.2f} ms, "
+          f"priority update {t_prio * 1e3:.2f} ms", flush=True)
+    _emit(dict(bench="per", capacity=FLAGS.per_capacity, sample_ms=t_sample * 1e3, update_ms=t_prio * 1e3))
+    del state, b
+
+    # end to end on Pong with the reference learn period (16 frames per update)
+    env_cfg = rainbow_train.RainbowTrainConfig(
+        env="pong", seed=0, num_envs=FLAGS.rainbow_envs, train_frames=FLAGS.e2e_frames,
+        eval_every_frames=10**9, eval_frames=4 * FLAGS.rainbow_envs, eval_envs=1,
+        replay_capacity=100_000, min_replay=1_000, out_dir=None, tensorboard=False)
+    warm = dataclasses.replace(env_cfg, train_frames=8_000)
+    rainbow_train.train(warm, log=None)                                 # compile caches warm
+    res = rainbow_train.train(env_cfg, log=None)
+    fps_e2e = res["frames"] / res["seconds"]
+    # component costs per iteration of the loop (num_envs agent steps)
+    from flare_jax.envs.atari import AtariEnv  # pylint: disable=g-import-not-at-top
+    env = AtariEnv("pong", num_envs=FLAGS.rainbow_envs, seed=0)
+    env.reset()
+    acts = np.zeros(FLAGS.rainbow_envs, np.int32)
+    t = time.perf_counter()
+    for _ in range(200):
+        ts = env.step(acts)
+    t_env = (time.perf_counter() - t) / 200
+    runner = rainbow_train.RainbowRunner(env_cfg, env.frame_shape, env.frame_dtype, env.num_actions)
+    carry = runner.init(key, ts.frame)
+    t_act = _median_call_s(runner.act_eval, carry.agent, carry.stack, key, 0.0, calls=50,
+                           repeats=FLAGS.repeats)
+    env.close()
+    frames_per_iter = 4 * FLAGS.rainbow_envs
+    t_update = update_ms["atari_flare"] / 1e3 * frames_per_iter / 16
+    t_replay = (t_sample + t_prio) * frames_per_iter / 16
+    parts = {"env stepping": t_env, "acting": t_act, "replay (sample+priorities)": t_replay,
+             "updates": t_update}
+    total = sum(parts.values())
+    print(f"  end to end, Pong, Flare torso, {FLAGS.rainbow_envs} envs, 1 update per 16 frames: "
+          f"{fps_e2e:,.0f} training frames/s over {res['frames']:,d} frames "
+          f"({res['updates']:,d} updates)")
+    print("  time shares per loop iteration (" + f"{frames_per_iter} frames; components timed "
+          "separately): " + ", ".join(f"{k} {v * 1e3:.1f} ms ({100 * v / total:.0f}%)" for k, v in parts.items()))
+    print(f"  -> components alone would allow {frames_per_iter / total:,.0f} frames/s")
+    _emit(dict(bench="rainbow_e2e", frames_per_s=fps_e2e, **{k: v for k, v in parts.items()}))
 
 
 def main(argv):

@@ -1,75 +1,34 @@
-"""`make run`: the default experiment.
+"""`make run`: the default experiment, a CPU-sized run of the paper's state-space study.
 
-Until the state-space study lands (issue 4), this is a short real end-to-end check of the
-encoders: render frames of DMC cartpole_swingup with envpool (108x108, camera 0), encode 3-frame
-stacks with each pixel encoder, take a gradient step's worth of forward+backward, and check the
-Flare stop-gradient on the real frames. It prints what it did and how long each part took.
+Full-state, position-only and state-Flare SAC on two DMC tasks from states, 3 seeds each (vmapped
+in one process per task/variant), then the table of final returns and the learning-curve plot.
+It is `experiments.state_study` with smaller defaults, sized to finish in under ~20 minutes on a
+2-core CPU; any of its flags can be given. Output: runs/default_state_study (resumed if
+interrupted).
 """
 from __future__ import annotations
 
-import time
-
 from absl import app, flags
 
-import flare_jax
-from flare_jax.envs.rendering import preload_egl
+import flare_jax  # noqa: F401  (XLA CPU settings before JAX starts)
 
-FLAGS = flags.FLAGS
-flags.DEFINE_integer("batch", 8, "stacks per encoder call")
-flags.DEFINE_integer("steps", 12, "environment steps rendered per env")
+from experiments import state_study
+
+DEFAULTS = dict(tasks=["cartpole_swingup", "pendulum_swingup"],
+                variants=["state_full", "state_position", "state_flare"],
+                seeds=["0", "1", "2"], env_steps=40_000, evals=8, eval_episodes=5,
+                out_dir="runs/default_state_study",
+                title="SAC from states, velocities removed (make run), 3 seeds, mean +- s.e.")
+
+for _name, _value in DEFAULTS.items():
+    flags.FLAGS.set_default(_name, _value)
 
 
 def main(argv):
-    del argv
-    preload_egl()
-    import envpool  # pylint: disable=g-import-not-at-top
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flare_jax.encoders import make_encoder
-
-    print(f"flare_jax {flare_jax.__version__}: jax {jax.__version__} on {jax.default_backend()}, "
-          f"fast CPU conv path {'on' if flare_jax.FAST_CPU_CONV else 'off'}")
-    t0 = time.perf_counter()
-    env = envpool.make_dm("CartpoleSwingup-v1", num_envs=2, from_pixels=True, render_height=108,
-                          render_width=108, render_camera_id=0, seed=0)
-    frames = [env.reset().observation.pixels]
-    rng = np.random.default_rng(0)
-    for _ in range(FLAGS.steps - 1):
-        act = rng.uniform(-1, 1, size=(2, 1))
-        frames.append(env.step(act, np.arange(2)).observation.pixels)
-    pix = np.stack(frames, 1).transpose(0, 1, 3, 4, 2)      # [env, step, H, W, C] uint8
-    print(f"rendered {pix.shape[0]}x{pix.shape[1]} frames of {pix.shape[2]}x{pix.shape[3]} px "
-          f"(mean pixel {pix.mean():.1f}) in {time.perf_counter() - t0:.1f}s")
-    # Sliding 3-frame stacks, oldest first.
-    stacks = np.stack([pix[:, i:i + 3] for i in range(pix.shape[1] - 2)], 1).reshape(-1, 3, 108, 108, 3)
-    batch = jnp.asarray(stacks[:FLAGS.batch])
-    key = jax.random.PRNGKey(0)
-    for name in ("flare", "frame_stack", "pixel_flow", "latent_stack", "recurrent"):
-        enc = make_encoder(name, num_frames=3)
-        params = jax.jit(enc.init)(key, batch)
-        n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-        loss = lambda p, x: jnp.sum(enc.apply(p, x) ** 2)  # noqa: E731
-        step = jax.jit(jax.value_and_grad(loss))
-        t = time.perf_counter()
-        val, grads = jax.block_until_ready(step(params, batch))
-        compile_s = time.perf_counter() - t
-        t = time.perf_counter()
-        val, grads = jax.block_until_ready(step(params, batch))
-        run_ms = (time.perf_counter() - t) * 1e3
-        feats = jax.jit(enc.apply)(params, batch)
-        gnorm = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads))))
-        print(f"  {name:13s} features {tuple(feats.shape)} params {n_params:>10,d} "
-              f"fwd+bwd {run_ms:7.1f} ms (compile {compile_s:.1f}s) grad-norm {gnorm:.3g}")
-        assert np.isfinite(gnorm) and gnorm > 0
-    flare = make_encoder("flare")
-    params = jax.jit(flare.init)(key, batch)
-    weights = jnp.arange(1.0, 65.0)
-    gx = jax.grad(lambda x: jnp.sum(flare.apply(params, x) * weights))(batch.astype(jnp.float32))
-    oldest, newest = float(jnp.abs(gx[:, 0]).max()), float(jnp.abs(gx[:, -1]).max())
-    print(f"Flare d(features)/d(pixels): oldest frame max |grad| = {oldest}, newest = {newest:.3g}")
-    assert oldest == 0.0 and newest > 0.0
-    print(f"encoder check passed in {time.perf_counter() - t0:.1f}s")
+    print("[make run] the paper's state-space study (section 4), CPU-sized: "
+          "python -m experiments.state_study with the defaults of experiments/default_run.py",
+          flush=True)
+    state_study.main(argv)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,13 @@ from absl import app, flags
 import numpy as np
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("run_dir", None, "run directory with seed_*/eval.csv")
-flags.DEFINE_string("out", None, "output directory under results/")
-flags.DEFINE_string("title", "", "plot title")
+
+
+def _define_flags():
+    """Flags of the command line only (this module is also imported by the study scripts)."""
+    flags.DEFINE_string("run_dir", None, "run directory with seed_*/eval.csv")
+    flags.DEFINE_string("out", None, "output directory under results/")
+    flags.DEFINE_string("title", "", "plot title")
 
 
 def read_eval(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -100,4 +104,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

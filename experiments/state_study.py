@@ -33,7 +33,6 @@ import numpy as np
 from agents import sac, sac_train
 from experiments import presets
 from experiments.report import load_runs, mean_and_se
-from flare_jax.encoders import ENCODERS
 from flare_jax.envs import dmc_tasks
 
 VARIANTS = ("state_full", "state_position", "state_flare", "state_stack", "state_recurrent")
@@ -42,7 +41,7 @@ LABELS = {"state_full": "full state", "state_position": "position only",
           "state_recurrent": "recurrent (LSTM)"}
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("tasks", ["cartpole_swingup", "pendulum_swingup"],
+flags.DEFINE_list("tasks", ["cartpole_swingup", "pendulum_swingup", "walker_walk"],
                   f"DMC tasks, from {sorted(dmc_tasks.TASKS)}")
 flags.DEFINE_list("variants", list(VARIANTS), f"state encoders, from {list(VARIANTS)}")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (vmapped in one process per task/variant)")
@@ -176,10 +175,15 @@ def main(argv):
     with open(os.path.join(FLAGS.out_dir, "command.txt"), "w") as f:
         import sys  # pylint: disable=g-import-not-at-top
         f.write("python -m experiments.state_study " + " ".join(sys.argv[1:]) + "\n")
+    t0 = time.time()
+    print(f"[study] tasks {FLAGS.tasks}, variants {FLAGS.variants}, seeds {FLAGS.seeds}, "
+          f"{FLAGS.env_steps:,d} env steps per run -> {FLAGS.out_dir}", flush=True)
     run_study(FLAGS.tasks, FLAGS.variants, FLAGS.seeds, FLAGS.env_steps, FLAGS.evals,
               FLAGS.eval_episodes, FLAGS.out_dir)
     table, png = summarise(FLAGS.tasks, FLAGS.variants, FLAGS.out_dir, FLAGS.title)
-    print("\n" + table + f"\n\nplot: {png}")
+    print("\nFinal evaluation return (mean +- s.e. over seeds):\n" + table +
+          f"\n\nplot: {png}\ntable: {os.path.join(FLAGS.out_dir, 'final_returns.md')}\n"
+          f"[study] done in {(time.time() - t0) / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -185,3 +185,26 @@ def test_add_rejects_wrong_shapes():
     with pytest.raises(AssertionError):
         rp.add(cfg, state, jnp.zeros((2, 4)), jnp.zeros((2, 2)), jnp.zeros(2), jnp.zeros(2),
                jnp.zeros(2, bool))
+
+
+def test_rejection_sampler_falls_back_to_exact_sampling():
+    """With mostly invalid slots (an episode start every 2 slots) and a single try, draws often
+    find no valid candidate: the whole batch then comes from the exact sampler. Either way only
+    valid transitions are returned, uniformly."""
+    cfg = rp.ReplayConfig(capacity=64, frame_shape=(2,), action_shape=(1,), stack=2,
+                          frame_dtype=jnp.int32)
+    stream = _stream(1, 60, seed=4, p_end=0.0)
+    for t in range(0, 60, 2):
+        stream[0][t]["first"] = True
+    state = _fill(cfg, stream)
+    valid = np.asarray(rp.valid_mask(cfg, state)).reshape(-1)
+    draw = jax.jit(lambda k: rp.sample_valid_uniform(cfg, state, k, 256, tries=1))
+    counts = np.zeros(valid.size)
+    for i in range(40):
+        env, slot = draw(jax.random.PRNGKey(i))
+        np.add.at(counts, np.asarray(env) * cfg.slots + np.asarray(slot), 1)
+    assert counts[~valid].sum() == 0
+    expected = counts.sum() / valid.sum()
+    chi2 = ((counts[valid] - expected) ** 2 / expected).sum()
+    df = valid.sum() - 1
+    assert chi2 < df + 4 * np.sqrt(2 * df), (chi2, df)
