@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import time
 from typing import Any, Callable, Optional
 
@@ -31,6 +30,7 @@ from flare_jax import replay as rp
 from flare_jax import stacking
 from flare_jax.envs.atari import GYM_TASKS, AtariEnv, GymVectorEnv, get_game
 from flare_jax.logging import Progress, RunLogger
+from flare_jax.runtime import StallWatchdog, StopRequests
 
 Array = jax.Array
 
@@ -60,6 +60,9 @@ class RainbowTrainConfig:
     rainbow: rainbow.RainbowConfig = rainbow.RainbowConfig()
     out_dir: Optional[str] = None
     tensorboard: bool = True
+    # a step that takes longer than this ends the process with tracebacks (runtime.StallWatchdog);
+    # evaluations count as one step. <= 0 disables it.
+    stall_seconds: float = 3600.0
 
     def __post_init__(self):
         if self.env not in GYM_TASKS:
@@ -213,8 +216,7 @@ def train(config: RainbowTrainConfig, log: Optional[Callable[[str], None]] = pri
         logger.write_config(dataclasses.asdict(config))
     ts = env.reset()
     carry = runner.init(jax.random.PRNGKey(config.seed), ts.frame)
-    interrupted = {"flag": False}
-    old = signal.signal(signal.SIGTERM, lambda *_: interrupted.__setitem__("flag", True))
+    stop = StopRequests()
     progress = Progress(config.train_frames, unit="frames", desc=f"{config.env} ")
     frames, transitions, updates, owed = 0, config.num_envs, 0, 0.0
     recent, result = [], {"eval": [], "train_returns": []}
@@ -230,47 +232,45 @@ def train(config: RainbowTrainConfig, log: Optional[Callable[[str], None]] = pri
         if logger:
             logger.log("eval", frames, {**ev, "eval_seconds": time.time() - t0,
                                         "wall_seconds": time.time() - t_start})
-            if True:
-                save_params(os.path.join(config.out_dir, "params_latest.msgpack"), carry.agent)
+            save_params(os.path.join(config.out_dir, "params_latest.msgpack"), carry.agent)
         log(f"[rainbow] eval after {frames:,d} frames: mean raw return {ev['return_mean']:.1f} over "
             f"{ev['episodes']} episodes ({time.time() - t0:.0f}s)")
 
     metrics = None
     try:
-        while frames < config.train_frames and not interrupted["flag"]:
-            ts = env.step(np.asarray(carry.action))
-            frames += frames_per_iter
-            transitions += config.num_envs
-            done = ts.episode_return[ts.last]
-            if done.size:
-                recent = (recent + done.tolist())[-20:]
-                result["train_returns"] += [(frames, float(r)) for r in done]
-            n_updates = 0
-            if transitions >= config.min_replay:
-                owed += frames_per_iter / config.learn_period_frames
-                n_updates = int(owed)
-                owed -= n_updates
-            beta = float(per.beta_schedule(frames / config.train_frames, config.importance_start,
-                                           config.importance_end))
-            carry, m = runner.step(carry, ts, beta, n_updates, config.train_epsilon)
-            if n_updates:
-                updates += n_updates
-                metrics = m
-            if frames >= next_eval:
-                run_eval()
-                next_eval += config.eval_every_frames
-            if logger and done.size:
-                logger.log("train", frames, {"episode_return": float(np.mean(done)), "updates": updates,
-                                             **({k: v for k, v in jax.device_get(metrics).items()} if metrics else {}),
-                                             "wall_seconds": time.time() - t_start})
-            if (frames // frames_per_iter) % 25 == 0:
-                progress.update(frames, ret=(f"{np.mean(recent):.1f}" if recent else "-"), updates=updates)
-    except KeyboardInterrupt:
-        interrupted["flag"] = True
+        with stop, StallWatchdog(config.stall_seconds) as watchdog:
+            while frames < config.train_frames and not stop.requested:
+                watchdog.beat()
+                ts = env.step(np.asarray(carry.action))
+                frames += frames_per_iter
+                transitions += config.num_envs
+                done = ts.episode_return[ts.last]
+                if done.size:
+                    recent = (recent + done.tolist())[-20:]
+                    result["train_returns"] += [(frames, float(r)) for r in done]
+                n_updates = 0
+                if transitions >= config.min_replay:
+                    owed += frames_per_iter / config.learn_period_frames
+                    n_updates = int(owed)
+                    owed -= n_updates
+                beta = float(per.beta_schedule(frames / config.train_frames, config.importance_start,
+                                               config.importance_end))
+                carry, m = runner.step(carry, ts, beta, n_updates, config.train_epsilon)
+                if n_updates:
+                    updates += n_updates
+                    metrics = m
+                if frames >= next_eval:
+                    run_eval()
+                    next_eval += config.eval_every_frames
+                if logger and done.size:
+                    logger.log("train", frames, {"episode_return": float(np.mean(done)), "updates": updates,
+                                                 **({k: v for k, v in jax.device_get(metrics).items()} if metrics else {}),
+                                                 "wall_seconds": time.time() - t_start})
+                if (frames // frames_per_iter) % 25 == 0:
+                    progress.update(frames, ret=(f"{np.mean(recent):.1f}" if recent else "-"), updates=updates)
     finally:
-        signal.signal(signal.SIGTERM, old)
         progress.close()
-    if interrupted["flag"]:
+    if stop.requested:
         log(f"[rainbow] interrupted after {frames:,d} frames; saving parameters and logs")
     elif not result["eval"] or result["eval"][-1][0] != frames:
         run_eval()
@@ -282,7 +282,7 @@ def train(config: RainbowTrainConfig, log: Optional[Callable[[str], None]] = pri
     eval_env.close()
     seconds = time.time() - t_start
     result.update(frames=frames, updates=updates, seconds=seconds, carry=carry,
-                  interrupted=interrupted["flag"])
+                  interrupted=stop.requested)
     log(f"[rainbow] done: {frames:,d} frames, {updates:,d} updates in {seconds:.0f}s "
         f"({frames / seconds:.0f} frames/s)")
     return result

@@ -20,7 +20,6 @@ actor and the temperature are updated every 2 critic updates.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Mapping, Optional
 

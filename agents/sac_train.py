@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import time
 from typing import Any, Callable, Optional
 
@@ -31,6 +30,7 @@ from flare_jax import augment, replay as rp, stacking
 from flare_jax.envs.dmc import DMCEnv
 from flare_jax.envs import dmc_tasks
 from flare_jax.logging import Progress, RunLogger
+from flare_jax.runtime import StallWatchdog, StopRequests
 
 Array = jax.Array
 STORE_CROP = 100        # pixels are stored as the 100x100 centre of the 108 render
@@ -57,6 +57,9 @@ class TrainConfig:
     out_dir: Optional[str] = None
     save_params: bool = True
     tensorboard: bool = True
+    # a step that takes longer than this ends the process with tracebacks (runtime.StallWatchdog);
+    # evaluations count as one step. <= 0 disables it.
+    stall_seconds: float = 3600.0
 
     def __post_init__(self):
         dmc_tasks.get_task(self.task)  # raises with the valid names
@@ -268,11 +271,7 @@ def train(config: TrainConfig, log: Optional[Callable[[str], None]] = print) -> 
     result = {"eval": [], "seeds": list(config.seeds)}
     progress = Progress(config.agent_steps * repeat * config.num_envs, unit="env steps",
                         desc=f"{config.task} ")
-    interrupted = {"flag": False}
-
-    def on_sigterm(*_):
-        interrupted["flag"] = True
-    old_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    stop = StopRequests()
     updates = 0
     last_eval = None
     step = 0
@@ -302,39 +301,38 @@ def train(config: TrainConfig, log: Optional[Callable[[str], None]] = print) -> 
             save_params(os.path.join(config.out_dir, f"seed_{seed}", name), agent_i)
 
     try:
-        while step < config.agent_steps and not interrupted["flag"]:
-            action = np.asarray(carry.action).reshape(env.num_envs, -1)
-            ts = env.step(action)
-            args = tuple(jnp.asarray(runner.split_seeds(a)) for a in
-                         (ts.frame, ts.reward, ts.discount, ts.first))
-            step += 1
-            learning = step >= config.init_steps
-            if learning and step % config.update_every == 0:
-                carry, metrics = runner._train(carry, *args, jnp.int32(updates))
-                updates += config.updates_per_step * config.update_every
-            elif learning:
-                carry = runner._collect(carry, *args)
-            else:
-                carry = runner._observe_only(carry, *args)
-            if step % config.eval_every == 0:
-                do_eval(step)
-            if step % 1000 == 0 and metrics is not None and loggers:
-                m = jax.device_get(metrics)
-                for i, lg in enumerate(loggers):
-                    lg.log("train", step * repeat * config.num_envs,
-                           {"agent_steps": step, "updates": updates,
-                            **{k: v[i] for k, v in m.items()},
-                            "wall_seconds": time.time() - t_start})
-            if step % 10 == 0 or step == config.agent_steps:
-                progress.update(step * repeat * config.num_envs,
-                                eval=("-" if last_eval is None else np.round(last_eval, 1).tolist()),
-                                updates=updates)
-    except KeyboardInterrupt:
-        interrupted["flag"] = True
+        with stop, StallWatchdog(config.stall_seconds) as watchdog:
+            while step < config.agent_steps and not stop.requested:
+                watchdog.beat()
+                action = np.asarray(carry.action).reshape(env.num_envs, -1)
+                ts = env.step(action)
+                args = tuple(jnp.asarray(runner.split_seeds(a)) for a in
+                             (ts.frame, ts.reward, ts.discount, ts.first))
+                step += 1
+                learning = step >= config.init_steps
+                if learning and step % config.update_every == 0:
+                    carry, metrics = runner._train(carry, *args, jnp.int32(updates))
+                    updates += config.updates_per_step * config.update_every
+                elif learning:
+                    carry = runner._collect(carry, *args)
+                else:
+                    carry = runner._observe_only(carry, *args)
+                if step % config.eval_every == 0:
+                    do_eval(step)
+                if step % 1000 == 0 and metrics is not None and loggers:
+                    m = jax.device_get(metrics)
+                    for i, lg in enumerate(loggers):
+                        lg.log("train", step * repeat * config.num_envs,
+                               {"agent_steps": step, "updates": updates,
+                                **{k: v[i] for k, v in m.items()},
+                                "wall_seconds": time.time() - t_start})
+                if step % 10 == 0 or step == config.agent_steps:
+                    progress.update(step * repeat * config.num_envs,
+                                    eval=("-" if last_eval is None else np.round(last_eval, 1).tolist()),
+                                    updates=updates)
     finally:
-        signal.signal(signal.SIGTERM, old_handler)
         progress.close()
-    if interrupted["flag"]:
+    if stop.requested:
         log(f"[sac] interrupted at agent step {step}: saving parameters and logs")
     elif not result["eval"] or result["eval"][-1][0] != step * repeat * config.num_envs:
         do_eval(step)
@@ -345,6 +343,6 @@ def train(config: TrainConfig, log: Optional[Callable[[str], None]] = print) -> 
     env.close()
     eval_env.close()
     result.update(agent_steps=step, updates=updates, seconds=time.time() - t_start,
-                  interrupted=interrupted["flag"], carry=carry)
+                  interrupted=stop.requested, carry=carry)
     log(f"[sac] done: {step:,d} agent steps, {updates:,d} updates in {result['seconds']:.0f}s")
     return result

@@ -345,8 +345,8 @@ def rainbow():
         b = rp.Batch(obs=obs, action=jnp.zeros(batch, jnp.int32), reward=jnp.ones(batch),
                      discount=jnp.full(batch, 0.97), next_obs=obs[::-1], env=jnp.zeros(batch, jnp.int32),
                      slot=jnp.zeros(batch, jnp.int32))
-        fn = jax.jit(lambda s, k: rb.update(s, b, jnp.ones(batch), k)[0])
-        update_ms[torso] = 1e3 * _median_call_s(fn, state, key, calls=20, repeats=FLAGS.repeats)
+        fn = jax.jit(lambda s, b, k: rb.update(s, b, jnp.ones(batch), k)[0])
+        update_ms[torso] = 1e3 * _median_call_s(fn, state, b, key, calls=20, repeats=FLAGS.repeats)
         _emit(dict(bench="rainbow_update", torso=torso, ms=update_ms[torso]))
         print(f"  update, {torso:15s} batch {batch}: {update_ms[torso]:7.1f} ms", flush=True)
 
@@ -364,8 +364,9 @@ def rainbow():
         valid=sum_tree.set_leaves(state.valid, jnp.arange(n), (jnp.arange(n) % 2000 != 0).astype(jnp.float32)))
     sample = jax.jit(lambda s, k: per.sample(pc, s, k, batch, 0.5))
     t_sample = _median_call_s(sample, state, key, calls=50, repeats=FLAGS.repeats)
-    b, _, _ = sample(state, key)
-    prio_fn = jax.jit(lambda tree, pr: sum_tree.set_leaves(tree, b.env * rc.slots + b.slot, pr))
+    sampled, _, _ = sample(state, key)
+    leaves = sampled.env * rc.slots + sampled.slot
+    prio_fn = jax.jit(lambda tree, pr: sum_tree.set_leaves(tree, leaves, pr))
     t_prio = _median_call_s(prio_fn, state.priorities, jnp.ones(batch), calls=50, repeats=FLAGS.repeats)
     print(f"  PER at {FLAGS.per_capacity:,d} transitions (sum tree, depth "
           f"{state.priorities.depth}): sample {batch} + gather stacks {t_sample * 1e3:.2f} ms, "

@@ -14,7 +14,7 @@ import flare_jax  # noqa: F401  (XLA CPU settings before JAX starts)
 
 from experiments import state_study
 
-DEFAULTS = dict(tasks=["cartpole_swingup", "pendulum_swingup"],
+DEFAULTS = dict(tasks=["cartpole_swingup", "ball_in_cup_catch"],
                 variants=["state_full", "state_position", "state_flare"],
                 seeds=["0", "1", "2"], env_steps=40_000, evals=8, eval_episodes=5,
                 out_dir="runs/default_state_study",

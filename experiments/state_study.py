@@ -33,7 +33,9 @@ import numpy as np
 from agents import sac, sac_train
 from experiments import presets
 from experiments.report import load_runs, mean_and_se
+from flare_jax import xla_cpu
 from flare_jax.envs import dmc_tasks
+from flare_jax.logging import write_command
 
 VARIANTS = ("state_full", "state_position", "state_flare", "state_stack", "state_recurrent")
 LABELS = {"state_full": "full state", "state_position": "position only",
@@ -67,7 +69,8 @@ def study_config(task: str, variant: str, seeds, env_steps: int, evals: int, eva
         task=task, pixels=False, seeds=tuple(int(s) for s in seeds), env_steps=env_steps,
         batch_size=p["batch_size"], replay_capacity=p["replay_capacity"],
         init_steps=min(p["init_steps"], agent_steps // 10), eval_every=max(1, agent_steps // evals),
-        eval_episodes=eval_episodes, sac=sac_cfg, out_dir=out_dir, tensorboard=False)
+        eval_episodes=eval_episodes, sac=sac_cfg, out_dir=out_dir, tensorboard=False,
+        stall_seconds=600.0)
 
 
 def finished(run_dir: str, seeds, env_steps: int) -> bool:
@@ -163,6 +166,7 @@ def summarise(tasks, variants, out_dir, title="") -> tuple[str, str]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    xla_cpu.single_thread_eigen()  # state MLPs only: avoids a rare XLA CPU pool hang
     for t in FLAGS.tasks:
         try:
             dmc_tasks.get_task(t)
@@ -171,10 +175,13 @@ def main(argv):
     for v in FLAGS.variants:
         if v not in VARIANTS:
             raise app.UsageError(f"unknown variant {v!r}; valid variants: {', '.join(VARIANTS)}")
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.out_dir, "command.txt"), "w") as f:
-        import sys  # pylint: disable=g-import-not-at-top
-        f.write("python -m experiments.state_study " + " ".join(sys.argv[1:]) + "\n")
+    # the effective study flags, so the command reproduces the run whatever the entry point
+    # (make run starts experiments.default_run, whose defaults differ)
+    write_command(FLAGS.out_dir, "experiments.state_study", [
+        f"--tasks={','.join(FLAGS.tasks)}", f"--variants={','.join(FLAGS.variants)}",
+        f"--seeds={','.join(FLAGS.seeds)}", f"--env_steps={FLAGS.env_steps}",
+        f"--evals={FLAGS.evals}", f"--eval_episodes={FLAGS.eval_episodes}",
+        f"--out_dir={FLAGS.out_dir}"])
     t0 = time.time()
     print(f"[study] tasks {FLAGS.tasks}, variants {FLAGS.variants}, seeds {FLAGS.seeds}, "
           f"{FLAGS.env_steps:,d} env steps per run -> {FLAGS.out_dir}", flush=True)

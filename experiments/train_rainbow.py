@@ -17,6 +17,7 @@ import flare_jax  # noqa: F401  (XLA CPU settings before JAX starts)
 
 from agents import rainbow, rainbow_train
 from experiments import presets
+from flare_jax.logging import write_command
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "atari", f"one of {sorted(presets.RAINBOW_PRESETS)}")
@@ -76,9 +77,7 @@ def main(argv):
                              f"--network=mlp for vector observations and flare/baseline for Atari")
     except ValueError as err:
         raise app.UsageError(str(err)) from err
-    os.makedirs(config.out_dir, exist_ok=True)
-    with open(os.path.join(config.out_dir, "command.txt"), "w") as f:
-        f.write("python -m experiments.train_rainbow " + " ".join(sys.argv[1:]) + "\n")
+    write_command(config.out_dir, "experiments.train_rainbow", sys.argv[1:])
     result = rainbow_train.train(config)
     print(f"final evaluation: {result['eval'][-1] if result['eval'] else 'none'}; "
           f"logs in {config.out_dir}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 from absl import app, flags
 
@@ -18,7 +19,9 @@ import flare_jax  # noqa: F401  (XLA CPU settings before JAX starts)
 from agents import sac, sac_train
 from experiments import presets
 from flare_jax.encoders import ENCODERS
+from flare_jax import xla_cpu
 from flare_jax.envs import dmc_tasks
+from flare_jax.logging import write_command
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "flare_paper", f"one of {sorted(presets.SAC_PRESETS)}")
@@ -86,12 +89,6 @@ def build_config() -> sac_train.TrainConfig:
         raise app.UsageError(str(err)) from err
 
 
-def argv_flags() -> list[str]:
-    """The command-line flags this process was started with (for command.txt)."""
-    import sys  # pylint: disable=g-import-not-at-top
-    return [a for a in sys.argv[1:]]
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -101,10 +98,10 @@ def main(argv):
         sac_cfg.make_encoder()  # validates the encoder name and options
     except ValueError as err:
         raise app.UsageError(str(err)) from err
+    if not config.pixels:
+        xla_cpu.single_thread_eigen()  # MLPs only: avoids a rare XLA CPU pool hang
     if config.out_dir:
-        os.makedirs(config.out_dir, exist_ok=True)
-        with open(os.path.join(config.out_dir, "command.txt"), "w") as f:
-            f.write("python -m experiments.train_sac " + " ".join(argv_flags()) + "\n")
+        write_command(config.out_dir, "experiments.train_sac", sys.argv[1:])
     result = sac_train.train(config)
     print(f"final evaluation ({config.env_steps:,d} env steps): "
           f"{result['eval'][-1] if result['eval'] else 'none'}; logs in {config.out_dir}")

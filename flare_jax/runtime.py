@@ -10,8 +10,12 @@ under it when it was started without. Debian package: libtcmalloc-minimal4.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
+import threading
+import time
 
 TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
                   "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
@@ -54,3 +58,74 @@ def reexec_with_tcmalloc(module: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", module] + sys.argv[1:], env)
+
+
+class StopRequests:
+    """SIGTERM and Ctrl-C turned into a flag that a training loop polls between steps.
+
+      stop = StopRequests()
+      with stop:
+          while step < total and not stop.requested:
+              ...
+      if stop.requested:
+          ...  # save parameters and logs, report the interruption
+
+    Inside the block SIGTERM sets `requested` (the previous handler is restored on exit) and a
+    KeyboardInterrupt ends the block with `requested` set instead of propagating, so the caller
+    saves what it has. Off the main thread no signal handler is installed.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._old_handler = None
+
+    def _on_signal(self, *_):
+        self.requested = True
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            self._old_handler = signal.signal(signal.SIGTERM, self._on_signal)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._old_handler is not None:
+            signal.signal(signal.SIGTERM, self._old_handler)
+            self._old_handler = None
+        if exc_type is KeyboardInterrupt:
+            self.requested = True
+            return True
+        return False
+
+
+class StallWatchdog:
+    """Ends the process, with every thread's Python traceback on stderr, when a loop stalls.
+
+    A training loop calls `beat()` after each step; if no beat comes for `seconds`, Python's
+    faulthandler prints the tracebacks and exits the process (status 1). This turns a wedged XLA
+    CPU thread pool (see `flare_jax.xla_cpu.single_thread_eigen`) into a failure that a
+    resumable launcher can rerun, instead of a process that waits forever. `seconds <= 0`
+    disables it.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds = float(seconds)
+        self._armed_at = 0.0
+
+    def _arm(self):
+        faulthandler.dump_traceback_later(self.seconds, exit=True)
+        self._armed_at = time.monotonic()
+
+    def beat(self):
+        # re-arming is cheap, but once a second is plenty
+        if self.seconds > 0 and time.monotonic() - self._armed_at > 1.0:
+            self._arm()
+
+    def __enter__(self) -> "StallWatchdog":
+        if self.seconds > 0:
+            self._arm()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.seconds > 0:
+            faulthandler.cancel_dump_traceback_later()
+        return False

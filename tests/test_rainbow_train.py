@@ -23,9 +23,9 @@ def test_cartpole_smoke_run_updates_on_schedule_and_saves(tmp_path):
         out_dir=str(tmp_path), tensorboard=False)
     res = rainbow_train.train(cfg, log=None)
     assert res["frames"] == 600
-    # learning starts once 100 transitions are stored (2 per iteration, plus the 2 reset frames):
-    # 2 frames per iteration / 4 frames per update
-    assert res["updates"] == (600 - 98) // 4
+    # learning starts once 100 transitions are stored (2 reset frames, then 2 per iteration of 2
+    # frames): at iteration 49, whose frames 97-98 count; then one update per 4 frames
+    assert res["updates"] == (600 - 96) // 4
     assert [int(r["step"]) for r in _rows(tmp_path / "eval.csv")] == [300, 600]
     assert os.path.exists(tmp_path / "params_final.msgpack")
     # priorities were written back: some leaves differ from the initial max priority

@@ -52,6 +52,7 @@ import warnings
 
 import numpy as np
 
+from flare_jax.envs.lifetime import EnvLifetime
 from flare_jax.envs.rendering import preload_egl
 
 # The 8 games of the paper's Atari experiments (reference.md section 4).
@@ -141,7 +142,7 @@ def _check_seed(seed, num_envs: int):
     return seed
 
 
-class _DiscreteVectorEnv:
+class _DiscreteVectorEnv(EnvLifetime):
     """Shared lockstep bookkeeping over an envpool gymnasium env with a Discrete action space.
 
     Subclasses set `self._env`, `num_envs`, `num_actions`, `frame_shape`, `frame_dtype` and
@@ -159,11 +160,7 @@ class _DiscreteVectorEnv:
         self._frame = None          # [N, *frame_shape] the latest frame of every env
         self._needs_reset = None    # [N] bool: the previous step returned last
         self._return = None         # [N] float64 raw return of the running episodes
-        self._closed = False
-
-    def _check_open(self):
-        if self._closed:
-            raise RuntimeError("the environment is closed")
+        self._mark_open()
 
     def _frames(self, obs) -> np.ndarray:
         raise NotImplementedError
@@ -258,21 +255,6 @@ class _DiscreteVectorEnv:
                              raw_reward=raw_reward.astype(np.float32),
                              discount=disc.astype(np.float32), first=first, last=last,
                              episode_return=self._return.astype(np.float32))
-
-    def close(self):
-        """Releases envpool's environments; further reset/step calls raise."""
-        if not self._closed:
-            self._closed = True
-            close = getattr(self._env, "close", None)
-            if close is not None:
-                close()
-            self._env = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class AtariEnv(_DiscreteVectorEnv):

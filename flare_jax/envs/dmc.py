@@ -37,6 +37,7 @@ import dataclasses
 import numpy as np
 
 from flare_jax.envs import dmc_tasks
+from flare_jax.envs.lifetime import EnvLifetime
 from flare_jax.envs.rendering import preload_egl
 
 OBS_CHOICES = ("full", "position")
@@ -67,7 +68,7 @@ def _import_envpool():
     return envpool
 
 
-class DMCEnv:
+class DMCEnv(EnvLifetime):
     """N DMC environments stepped in lockstep, one agent step = `action_repeat` env steps.
 
     Args:
@@ -162,7 +163,7 @@ class DMCEnv:
 
         self._frame = None       # [N, ...] the latest frame of every env
         self._needs_reset = None  # [N] bool: the previous step returned last
-        self._closed = False
+        self._mark_open()
 
     # ------------------------------------------------------------------------------------------
     def _frames(self, observation) -> np.ndarray:
@@ -180,10 +181,6 @@ class DMCEnv:
             parts.append(value)
         state = np.concatenate(parts, axis=1).astype(np.float32)
         return state if self._select is None else state[:, self._select]
-
-    def _check_open(self):
-        if self._closed:
-            raise RuntimeError("the environment is closed")
 
     def reset(self) -> TimeStep:
         """Starts a new episode in every env: first=True, reward 0, discount 1, last=False."""
@@ -264,20 +261,6 @@ class DMCEnv:
         return TimeStep(frame=frame.copy(), reward=reward.astype(np.float32),
                         discount=discount.astype(np.float32), first=first, last=last)
 
-    def close(self):
-        """Releases envpool's environments; further reset/step calls raise."""
-        if not self._closed:
-            self._closed = True
-            close = getattr(self._env, "close", None)
-            if close is not None:
-                close()
-            self._env = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         return (f"DMCEnv(task={self.task.name!r}, num_envs={self.num_envs}, "
