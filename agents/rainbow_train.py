@@ -215,7 +215,8 @@ def train(config: RainbowTrainConfig, log: Optional[Callable[[str], None]] = pri
         logger = RunLogger(config.out_dir, tensorboard=config.tensorboard)
         logger.write_config(dataclasses.asdict(config))
     ts = env.reset()
-    carry = runner.init(jax.random.PRNGKey(config.seed), ts.frame)
+    # keys made on the host: see SACRunner.init
+    carry = runner.init(jnp.asarray(np.asarray(jax.random.PRNGKey(config.seed))), ts.frame)
     stop = StopRequests()
     progress = Progress(config.train_frames, unit="frames", desc=f"{config.env} ")
     frames, transitions, updates, owed = 0, config.num_envs, 0, 0.0

@@ -205,8 +205,10 @@ class SACRunner:
         return x.reshape((self.num_seeds, -1) + x.shape[1:])
 
     def init(self, first_frames: np.ndarray) -> Carry:
-        keys = jnp.stack([jax.random.PRNGKey(s) for s in self.config.seeds])
-        return self._init(keys, jnp.asarray(self.split_seeds(first_frames)))
+        # the keys are materialised on the host before the first big program runs: an init fed
+        # by still-pending async outputs hung in ~1/3 of process starts on the 2-core machine
+        keys = np.stack([np.asarray(jax.random.PRNGKey(s)) for s in self.config.seeds])
+        return self._init(jnp.asarray(keys), jnp.asarray(self.split_seeds(first_frames)))
 
 
 def save_params(path: str, agent: sac.SACState):

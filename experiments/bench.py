@@ -38,8 +38,9 @@ flags.DEFINE_integer("batch", 128, "batch size (samples; each holds --frames fra
 flags.DEFINE_integer("size", 108, "frame height and width in pixels")
 flags.DEFINE_integer("frames", 3, "frames per stack (T)")
 flags.DEFINE_list("encoders", ["flare", "frame_stack"], "encoders to benchmark")
-flags.DEFINE_enum("conv_path", "all", ["all", "xla", "eigen", "fast"],
-                  "CPU conv path: xla (XLA's defaults: YNNPACK convs, full batch), eigen (XLA "
+flags.DEFINE_enum("conv_path", "all", ["all", "stock", "xla", "eigen", "fast"],
+                  "CPU conv path: stock (plain jax as installed: XLA's defaults, glibc malloc), "
+                  "xla (XLA's defaults: YNNPACK convs, full batch, tcmalloc), eigen (XLA "
                   "convs routed to Eigen, full batch), fast (Eigen + cache-sized batch chunks with "
                   "the custom VJP: flare_jax's default on CPU), all (one subprocess each)")
 flags.DEFINE_string("encoder", "both", "sac_update: flare, frame_stack, both or none (only the "
@@ -99,12 +100,14 @@ def encoders():
         rows = []
         for path in CONV_PATHS:
             print(f"[bench] running the {path!r} conv path in a subprocess ...", flush=True)
-            env = {"FLARE_JAX_XLA_CPU": "0" if path == "xla" else "1"}
+            env = {"FLARE_JAX_XLA_CPU": "0" if path in ("stock", "xla") else "1"}
+            if path == "stock":  # what plain jax gets: no tcmalloc either (flare_jax/runtime.py)
+                env.update(FLARE_JAX_TCMALLOC="0", LD_PRELOAD="")
             rows += _rerun_self("encoders", env, [f"--conv_path={path}"])
         _print_encoder_table(rows)
         return
     from flare_jax.encoders import make_encoder  # pylint: disable=g-import-not-at-top
-    expect_eigen = FLAGS.conv_path != "xla"
+    expect_eigen = FLAGS.conv_path not in ("stock", "xla")
     if jax.default_backend() == "cpu" and xla_cpu.conv_uses_ynnpack() == expect_eigen:
         raise RuntimeError(f"conv path {FLAGS.conv_path!r} requested but XLA_FLAGS disagree")
     conv_impl = "chunked" if FLAGS.conv_path == "fast" else "plain"
@@ -130,15 +133,16 @@ def encoders():
                 print(f"{name:12s} {kind:17s} {med * 1e3:9.1f} ms  {flops / med / 1e9:6.1f} GFLOP/s")
 
 
-CONV_PATHS = ("xla", "eigen", "fast")
+CONV_PATHS = ("stock", "xla", "eigen", "fast")
 
 
 def _print_encoder_table(rows):
     print(f"\nencoders: batch {FLAGS.batch} x T={FLAGS.frames} frames of {FLAGS.size}px, "
           f"median of {FLAGS.repeats}, backend {rows[0]['backend'] if rows else '?'}; GFLOP by "
-          f"XLA's cost analysis of the plain path; speed-up = xla ms / fast ms")
+          f"XLA's cost analysis of the plain path; speed-ups = stock ms / fast ms and xla ms / fast "
+          f"ms (stock = plain jax: XLA defaults without tcmalloc; xla = XLA defaults + tcmalloc)")
     print(f"{'encoder':12s} {'pass':17s} {'GFLOP':>6s} |" +
-          "".join(f" {p + ' ms':>9s} {'GFLOP/s':>7s} |" for p in CONV_PATHS) + " speed-up")
+          "".join(f" {p + ' ms':>9s} {'GFLOP/s':>7s} |" for p in CONV_PATHS) + " vs stock  vs xla")
     by = {(r["encoder"], r["pass_"], r["conv_path"]): r for r in rows}
     for name in FLAGS.encoders:
         for kind in ("forward", "forward+backward"):
@@ -147,7 +151,9 @@ def _print_encoder_table(rows):
                 continue
             flops = rs[1]["gflops"]
             cells = "".join(f" {r['ms']:9.1f} {flops / r['ms'] * 1e3:7.1f} |" for r in rs)
-            print(f"{name:12s} {kind:17s} {flops:6.1f} |{cells} {rs[0]['ms'] / rs[2]['ms']:6.2f}x")
+            fast = rs[-1]["ms"]
+            print(f"{name:12s} {kind:17s} {flops:6.1f} |{cells} {rs[0]['ms'] / fast:7.2f}x "
+                  f"{rs[1]['ms'] / fast:6.2f}x")
 
 
 def _filled_replay(config, key, episode_len=125):

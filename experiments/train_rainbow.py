@@ -41,6 +41,8 @@ flags.DEFINE_float("v_min", -10.0, "C51 support minimum")
 flags.DEFINE_float("v_max", 10.0, "C51 support maximum")
 flags.DEFINE_string("out_dir", None, "output directory (default runs/rainbow_<game>_<network>_s<seed>)")
 flags.DEFINE_bool("tensorboard", True, "write TensorBoard logs")
+flags.DEFINE_float("stall_seconds", 3600.0, "end the process with tracebacks when one training "
+                   "step (an evaluation included) takes longer than this; <= 0: never")
 
 _FIELDS = ("network", "frames", "num_envs", "eval_every_frames", "eval_frames", "eval_envs",
            "learn_period_frames", "batch_size", "replay_capacity", "min_replay", "n_step",
@@ -64,7 +66,7 @@ def build_config() -> rainbow_train.RainbowTrainConfig:
         eval_envs=values["eval_envs"], learn_period_frames=values["learn_period_frames"],
         batch_size=values["batch_size"], replay_capacity=values["replay_capacity"],
         min_replay=values["min_replay"], n_step=values["n_step"], rainbow=rb, out_dir=out_dir,
-        tensorboard=FLAGS.tensorboard)
+        tensorboard=FLAGS.tensorboard, stall_seconds=FLAGS.stall_seconds)
 
 
 def main(argv):

@@ -19,7 +19,6 @@ import flare_jax  # noqa: F401  (XLA CPU settings before JAX starts)
 from agents import sac, sac_train
 from experiments import presets
 from flare_jax.encoders import ENCODERS
-from flare_jax import xla_cpu
 from flare_jax.envs import dmc_tasks
 from flare_jax.logging import write_command
 
@@ -53,6 +52,8 @@ flags.DEFINE_float("critic_tau", 0.01, "target EMA rate of the Q heads")
 flags.DEFINE_enum("augmentation", "translate", ["translate", "crop", "none"], "pixel augmentation")
 flags.DEFINE_string("out_dir", None, "output directory (default runs/<task>_<encoder>_<preset>)")
 flags.DEFINE_bool("tensorboard", True, "write TensorBoard logs")
+flags.DEFINE_float("stall_seconds", 3600.0, "end the process with tracebacks when one training "
+                   "step (an evaluation included) takes longer than this; <= 0: never")
 
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(sac_train.TrainConfig)}
 _SAC_FIELDS = {f.name for f in dataclasses.fields(sac.SACConfig)}
@@ -83,7 +84,7 @@ def build_config() -> sac_train.TrainConfig:
     try:
         return sac_train.TrainConfig(
             task=FLAGS.task, seeds=seeds, sac=sac_cfg, out_dir=out_dir,
-            tensorboard=FLAGS.tensorboard,
+            tensorboard=FLAGS.tensorboard, stall_seconds=FLAGS.stall_seconds,
             **{k: v for k, v in values.items() if k in _TRAIN_FIELDS and k not in ("sac",)})
     except ValueError as err:
         raise app.UsageError(str(err)) from err
@@ -98,8 +99,6 @@ def main(argv):
         sac_cfg.make_encoder()  # validates the encoder name and options
     except ValueError as err:
         raise app.UsageError(str(err)) from err
-    if not config.pixels:
-        xla_cpu.single_thread_eigen()  # MLPs only: avoids a rare XLA CPU pool hang
     if config.out_dir:
         write_command(config.out_dir, "experiments.train_sac", sys.argv[1:])
     result = sac_train.train(config)

@@ -98,17 +98,18 @@ def format_optional(v: Optional[float], fmt: str = "{:.1f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
-def write_command(out_dir: str, module: str, args: Sequence[str]) -> str:
+def write_command(out_dir: str, module: str, args: Sequence[str], append: bool = False) -> str:
     """Writes `<out_dir>/command.txt`: the command line that reproduces a run.
 
     Args:
       out_dir: the run directory (created if missing).
       module: the launcher, e.g. "experiments.train_sac".
       args: its flags, e.g. sys.argv[1:] or the effective flags of a study.
+      append: add a line instead of replacing the file (a directory several commands fill).
     Returns the command written.
     """
     os.makedirs(out_dir, exist_ok=True)
     command = " ".join(["python", "-m", module, *(shlex.quote(a) for a in args)])
-    with open(os.path.join(out_dir, "command.txt"), "w") as f:
+    with open(os.path.join(out_dir, "command.txt"), "a" if append else "w") as f:
         f.write(command + "\n")
     return command

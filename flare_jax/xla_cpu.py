@@ -82,27 +82,3 @@ def conv_uses_ynnpack() -> bool:
         a, b, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")))
     return "__ynn_fusion" in fn.lower(x, w).compile().as_text()
 
-
-_EIGEN_FLAG = "--xla_cpu_multi_thread_eigen"
-
-
-def single_thread_eigen() -> bool:
-    """Adds `--xla_cpu_multi_thread_eigen=false` to XLA_FLAGS for MLP-only (state) processes.
-
-    Why: with jaxlib 0.10.2 a seed-vmapped state-SAC run hung once in ~10 runs on the dev
-    machine: every XLA CPU worker parked in the Eigen pool's WaitForWork while the executable
-    waited on a task that never ran (gdb stacks in the issue 4 note; the same symptom and the
-    same workaround are reported for vmapped programs in PyAutoFit#1528/#1530). State-SAC
-    matmuls run on YNNPACK's own threads (`DEFAULT_YNN_FUSION`), so the single-threaded Eigen
-    pool costs them little (3 vmapped seeds: 21.5 vs 20.0 ms per update). Pixel runs keep the
-    multi-threaded pool: their convolutions are Eigen's. `FLARE_JAX_SINGLE_THREAD_EIGEN=0`
-    turns this off. Returns True when the flag is in effect.
-    """
-    if os.environ.get("FLARE_JAX_SINGLE_THREAD_EIGEN", "1") == "0":
-        return False
-    if _EIGEN_FLAG in os.environ.get("XLA_FLAGS", ""):
-        return "=false" in os.environ["XLA_FLAGS"].split(_EIGEN_FLAG, 1)[1][:7]
-    if _backends_initialized():
-        return False
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_EIGEN_FLAG}=false").strip()
-    return True

@@ -1,0 +1,39 @@
+"""experiments.state_study end to end at toy size: child processes per (task, variant), CSVs,
+plot, table, command, and resuming a finished study without training again."""
+import csv
+import os
+import subprocess
+import sys
+
+
+def _study(out_dir, *extra):
+    args = [sys.executable, "-m", "experiments.state_study", "--tasks=cartpole_swingup",
+            "--variants=state_full,state_flare", "--seeds=0,1", "--env_steps=1600", "--evals=2",
+            "--eval_episodes=1", f"--out_dir={out_dir}", *extra]
+    return subprocess.run(args, capture_output=True, text=True, timeout=600)
+
+
+def test_study_writes_results_and_resumes(tmp_path):
+    out = _study(tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for variant in ("state_full", "state_flare"):
+        for seed in (0, 1):
+            with open(tmp_path / "cartpole_swingup" / variant / f"seed_{seed}" / "eval.csv") as f:
+                rows = list(csv.DictReader(f))
+            assert [int(r["step"]) for r in rows] == [800, 1600]
+    assert os.path.getsize(tmp_path / "curves.png") > 1000
+    table = (tmp_path / "final_returns.md").read_text()
+    assert "| full state |" in table and "| state-Flare |" in table
+    command = (tmp_path / "command.txt").read_text().splitlines()
+    assert command == [f"python -m experiments.state_study --tasks=cartpole_swingup "
+                       f"--variants=state_full,state_flare --seeds=0,1 --env_steps=1600 "
+                       f"--evals=2 --eval_episodes=1 --out_dir={tmp_path}"]
+    again = _study(tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already done, skipped") == 2 and "[sac] task" not in again.stdout
+
+
+def test_unknown_variant_lists_the_valid_ones(tmp_path):
+    out = _study(tmp_path, "--variants=state_full,velocity_only")
+    assert out.returncode != 0
+    assert "unknown variant 'velocity_only'" in out.stderr and "state_recurrent" in out.stderr
