@@ -94,6 +94,10 @@ def finished(run_dir: str, seeds, env_steps: int) -> bool:
 _CHILD_ENV = "FLARE_JAX_STUDY_CHILD"
 
 
+def _raise_keyboard_interrupt(*_):
+    raise KeyboardInterrupt
+
+
 def _run_child(task, variant, seeds, env_steps, evals, eval_episodes, out_dir, log,
                attempts: int = 3):
     """Runs one (task, variant) in a child process, again if it dies.
@@ -109,7 +113,16 @@ def _run_child(task, variant, seeds, env_steps, evals, eval_episodes, out_dir, l
             f"--env_steps={env_steps}", f"--evals={evals}", f"--eval_episodes={eval_episodes}",
             f"--out_dir={out_dir}"]
     for attempt in range(1, attempts + 1):
-        code = subprocess.call(args, env=dict(os.environ, **{_CHILD_ENV: "1"}))
+        proc = subprocess.Popen(args, env=dict(os.environ, **{_CHILD_ENV: "1"}))
+        try:
+            code = proc.wait()
+        except BaseException:  # Ctrl-C or SIGTERM of this process: stop the child too
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
         if code == 0:
             return
         if code < 0 and -code in (signal.SIGINT, signal.SIGTERM):
@@ -229,6 +242,8 @@ def main(argv):
     print(f"[study] tasks {FLAGS.tasks}, variants {FLAGS.variants}, seeds {FLAGS.seeds}, "
           f"{FLAGS.env_steps:,d} env steps per run -> {FLAGS.out_dir}", flush=True)
     if not FLAGS.summarise_only:
+        if not FLAGS.in_process:  # SIGTERM ends the children too (see _run_child)
+            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         run_study(FLAGS.tasks, FLAGS.variants, FLAGS.seeds, FLAGS.env_steps, FLAGS.evals,
                   FLAGS.eval_episodes, FLAGS.out_dir, in_process=FLAGS.in_process)
     table, png = summarise(FLAGS.tasks, FLAGS.variants, FLAGS.out_dir, FLAGS.title)

@@ -8,7 +8,7 @@ import sys
 
 def _study(out_dir, *extra):
     args = [sys.executable, "-m", "experiments.state_study", "--tasks=cartpole_swingup",
-            "--variants=state_full,state_flare", "--seeds=0,1", "--env_steps=1600", "--evals=2",
+            "--variants=state_flare", "--seeds=0,1", "--env_steps=1600", "--evals=2",
             "--eval_episodes=1", f"--out_dir={out_dir}", *extra]
     return subprocess.run(args, capture_output=True, text=True, timeout=600)
 
@@ -16,24 +16,41 @@ def _study(out_dir, *extra):
 def test_study_writes_results_and_resumes(tmp_path):
     out = _study(tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    for variant in ("state_full", "state_flare"):
+    for variant in ("state_flare",):
         for seed in (0, 1):
             with open(tmp_path / "cartpole_swingup" / variant / f"seed_{seed}" / "eval.csv") as f:
                 rows = list(csv.DictReader(f))
             assert [int(r["step"]) for r in rows] == [800, 1600]
     assert os.path.getsize(tmp_path / "curves.png") > 1000
     table = (tmp_path / "final_returns.md").read_text()
-    assert "| full state |" in table and "| state-Flare |" in table
+    assert "| state-Flare |" in table and "cartpole_swingup" in table
     command = (tmp_path / "command.txt").read_text().splitlines()
     assert command == [f"python -m experiments.state_study --tasks=cartpole_swingup "
-                       f"--variants=state_full,state_flare --seeds=0,1 --env_steps=1600 "
+                       f"--variants=state_flare --seeds=0,1 --env_steps=1600 "
                        f"--evals=2 --eval_episodes=1 --out_dir={tmp_path}"]
     again = _study(tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("already done, skipped") == 2 and "[sac] task" not in again.stdout
+    assert again.stdout.count("already done, skipped") == 1 and "[sac] task" not in again.stdout
 
 
 def test_unknown_variant_lists_the_valid_ones(tmp_path):
     out = _study(tmp_path, "--variants=state_full,velocity_only")
     assert out.returncode != 0
     assert "unknown variant 'velocity_only'" in out.stderr and "state_recurrent" in out.stderr
+
+
+def test_sigterm_stops_the_study_and_its_child(tmp_path):
+    import signal
+    import time
+    args = [sys.executable, "-m", "experiments.state_study", "--tasks=cartpole_swingup",
+            "--variants=state_flare", "--seeds=0", "--env_steps=400000", f"--out_dir={tmp_path}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # the child has started training
+        if line.startswith("[sac] replay"):
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    left = subprocess.run(["pgrep", "-f", f"out_dir={tmp_path}"], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "the child process outlived the study"
