@@ -30,7 +30,7 @@ from flare_jax import replay as rp
 from flare_jax import stacking
 from flare_jax.envs.atari import GYM_TASKS, AtariEnv, GymVectorEnv, get_game
 from flare_jax.logging import Progress, RunLogger
-from flare_jax.runtime import StallWatchdog, StopRequests
+from flare_jax.runtime import StallWatchdog, StopRequests, host_to_device
 
 Array = jax.Array
 
@@ -161,8 +161,8 @@ class RainbowRunner:
             fn = jax.jit(lambda c, f, r, d, first, b, eps: self._step(c, f, r, d, first, b, n_updates, eps),
                          donate_argnums=0)
             self._step_fns[n_updates] = fn
-        return fn(carry, jnp.asarray(ts.frame), jnp.asarray(ts.reward), jnp.asarray(ts.discount),
-                  jnp.asarray(ts.first), jnp.float32(beta), jnp.float32(epsilon))
+        return fn(carry, *host_to_device(ts.frame, ts.reward, ts.discount, ts.first,
+                                          np.float32(beta), np.float32(epsilon)))
 
     def _act_eval(self, agent, stack, key, epsilon):
         return rainbow.act(agent, stack, key, epsilon)
@@ -172,7 +172,7 @@ def evaluate(runner: RainbowRunner, env, agent, key, frames: int, epsilon: float
     """Runs the policy for `frames` frames over `env`'s envs; mean raw return of the completed
     episodes (and of the unfinished ones if none completed, flagged)."""
     ts = env.reset()
-    stack = runner.stack_init(jnp.asarray(ts.frame))
+    stack = runner.stack_init(host_to_device(ts.frame))
     returns, done_frames = [], 0
     while done_frames < frames:
         key, k = jax.random.split(key)
@@ -180,7 +180,7 @@ def evaluate(runner: RainbowRunner, env, agent, key, frames: int, epsilon: float
         ts = env.step(action)
         done_frames += env.num_envs * env.frames_per_step
         returns += ts.episode_return[ts.last].tolist()
-        stack = runner.stack_push(stack, jnp.asarray(ts.frame), jnp.asarray(ts.first))
+        stack = runner.stack_push(stack, *host_to_device(ts.frame, ts.first))
     if returns:
         return {"return_mean": float(np.mean(returns)), "episodes": len(returns), "complete": 1}
     return {"return_mean": float(np.mean(ts.episode_return)), "episodes": 0, "complete": 0}
@@ -215,8 +215,8 @@ def train(config: RainbowTrainConfig, log: Optional[Callable[[str], None]] = pri
         logger = RunLogger(config.out_dir, tensorboard=config.tensorboard)
         logger.write_config(dataclasses.asdict(config))
     ts = env.reset()
-    # keys made on the host: see SACRunner.init
-    carry = runner.init(jnp.asarray(np.asarray(jax.random.PRNGKey(config.seed))), ts.frame)
+    # key and frames on the device before the first program runs (host_to_device)
+    carry = runner.init(*host_to_device(np.asarray(jax.random.PRNGKey(config.seed)), ts.frame))
     stop = StopRequests()
     progress = Progress(config.train_frames, unit="frames", desc=f"{config.env} ")
     frames, transitions, updates, owed = 0, config.num_envs, 0, 0.0

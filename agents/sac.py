@@ -203,6 +203,19 @@ def _sample_action(mean: Array, log_std: Array, key: Array) -> tuple[Array, Arra
     return jnp.tanh(u), log_prob
 
 
+def init_seeds(keys: Array, obs_spec, action_spec, config: SACConfig = SACConfig()) -> SACState:
+    """`init` for S seeds: keys [S, 2] -> an SACState whose leaves have a leading seed axis S.
+
+    Equal to `jax.vmap(init)` (the same keys give the same parameters), but runs one seed at a
+    time: the orthogonal initialiser's QR over a seed batch runs LAPACK's batch-parallel kernel
+    on XLA's CPU thread pool, which deadlocked in most process starts on the 2-core dev machine
+    (jaxlib 0.10.2: every worker idle, the kernel waiting on its own sub-tasks).
+    """
+    one = jax.jit(lambda k: init(k, obs_spec, action_spec, config))
+    states = [jax.block_until_ready(one(k)) for k in keys]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
 def act(state: SACState, obs: Array, key: Array, deterministic: bool = False) -> Array:
     """obs [N, T, *frame] (storage format) -> actions [N, A] in [-1, 1]."""
     nets = _nets(state.config, state.action_dim)

@@ -30,7 +30,7 @@ from flare_jax import augment, replay as rp, stacking
 from flare_jax.envs.dmc import DMCEnv
 from flare_jax.envs import dmc_tasks
 from flare_jax.logging import Progress, RunLogger
-from flare_jax.runtime import StallWatchdog, StopRequests
+from flare_jax.runtime import StallWatchdog, StopRequests, host_to_device
 
 Array = jax.Array
 STORE_CROP = 100        # pixels are stored as the 100x100 centre of the 108 render
@@ -150,9 +150,8 @@ class SACRunner:
     def _stack_push_one(self, stack, frame, first):
         return stacking.push(stack, self._store(frame), first)
 
-    def _init_one(self, key, first_frame):
-        k_agent, k_loop = jax.random.split(key)
-        agent = sac.init(k_agent, self.obs_spec, self.action_spec, self.config.sac)
+    def _init_one(self, key, first_frame, agent):
+        k_loop = jax.random.split(key)[1]
         replay = rp.init(self.replay_config)
         e = self.config.num_envs
         carry = Carry(agent=agent, replay=replay, stack=self._stack_init_one(first_frame),
@@ -205,10 +204,13 @@ class SACRunner:
         return x.reshape((self.num_seeds, -1) + x.shape[1:])
 
     def init(self, first_frames: np.ndarray) -> Carry:
-        # the keys are materialised on the host before the first big program runs: an init fed
-        # by still-pending async outputs hung in ~1/3 of process starts on the 2-core machine
+        # keys and frames are on the device before the first program runs (host_to_device)
         keys = np.stack([np.asarray(jax.random.PRNGKey(s)) for s in self.config.seeds])
-        return self._init(jnp.asarray(keys), jnp.asarray(self.split_seeds(first_frames)))
+        keys, frames = host_to_device(keys, self.split_seeds(first_frames))
+        agent_keys = jax.vmap(lambda k: jax.random.split(k)[0])(keys)
+        # one seed at a time, not vmapped (sac.init_seeds says why)
+        agent = sac.init_seeds(agent_keys, self.obs_spec, self.action_spec, self.config.sac)
+        return self._init(keys, frames, agent)
 
 
 def save_params(path: str, agent: sac.SACState):
@@ -235,7 +237,7 @@ def load_params(path: str, agent: sac.SACState) -> sac.SACState:
 def evaluate(runner: SACRunner, env: DMCEnv, agent: sac.SACState) -> np.ndarray:
     """Deterministic episodes on `env` (S * episodes envs); returns [S, episodes] returns."""
     ts = env.reset()
-    stack = runner._stack_init(jnp.asarray(runner.split_seeds(ts.frame)))
+    stack = runner._stack_init(host_to_device(runner.split_seeds(ts.frame)))
     returns = np.zeros(env.num_envs)
     done = np.zeros(env.num_envs, bool)
     while not done.all():
@@ -243,8 +245,8 @@ def evaluate(runner: SACRunner, env: DMCEnv, agent: sac.SACState) -> np.ndarray:
         ts = env.step(action)
         returns += np.where(done, 0.0, ts.reward)
         done |= ts.last
-        stack = runner._stack_push(stack, jnp.asarray(runner.split_seeds(ts.frame)),
-                                   jnp.asarray(runner.split_seeds(ts.first)))
+        stack = runner._stack_push(stack, *host_to_device(runner.split_seeds(ts.frame),
+                                                          runner.split_seeds(ts.first)))
     return runner.split_seeds(returns)
 
 
@@ -308,8 +310,8 @@ def train(config: TrainConfig, log: Optional[Callable[[str], None]] = print) -> 
                 watchdog.beat()
                 action = np.asarray(carry.action).reshape(env.num_envs, -1)
                 ts = env.step(action)
-                args = tuple(jnp.asarray(runner.split_seeds(a)) for a in
-                             (ts.frame, ts.reward, ts.discount, ts.first))
+                args = host_to_device(*(runner.split_seeds(a) for a in
+                                        (ts.frame, ts.reward, ts.discount, ts.first)))
                 step += 1
                 learning = step >= config.init_steps
                 if learning and step % config.update_every == 0:

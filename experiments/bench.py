@@ -294,8 +294,8 @@ def seeds():
     base = None
     for s in (int(v) for v in FLAGS.num_seeds):
         keys = jax.random.split(jax.random.PRNGKey(0), s)
-        agent = jax.vmap(lambda k: sac.init(k, jax.ShapeDtypeStruct((1, obs_dim), jnp.float32),
-                                            jax.ShapeDtypeStruct((action_dim,), jnp.float32), cfg))(keys)
+        agent = sac.init_seeds(keys, jax.ShapeDtypeStruct((1, obs_dim), jnp.float32),
+                               jax.ShapeDtypeStruct((action_dim,), jnp.float32), cfg)
         replay_state = jax.vmap(lambda k: _filled_replay(rcfg, k, episode_len=1000))(keys)
         for i in range(4):
             agent = fn(agent, replay_state, keys, jnp.int32(i))

@@ -129,3 +129,18 @@ class StallWatchdog:
         if self.seconds > 0:
             faulthandler.cancel_dump_traceback_later()
         return False
+
+
+def host_to_device(*arrays):
+    """`jax.device_put` of host (numpy) arrays, returned only once the copies are done.
+
+    Why: with jaxlib 0.10.2 on the 2-core dev machine, a jitted call whose inputs were still
+    being copied asynchronously from numpy sometimes never ran: the CPU client's executable
+    waited on input events that never fired, with every XLA worker idle (one process start in
+    three to ten hung in its first step; ball_in_cup_catch under load hung five times in five).
+    Waiting for the copies first costs microseconds for the small per-step arrays of the
+    training loops. Returns one array for one input, else a tuple.
+    """
+    import jax  # pylint: disable=g-import-not-at-top
+    out = jax.block_until_ready(jax.device_put(arrays))
+    return out[0] if len(arrays) == 1 else tuple(out)
