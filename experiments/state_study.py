@@ -102,11 +102,9 @@ def _run_child(task, variant, seeds, env_steps, evals, eval_episodes, out_dir, l
                attempts: int = 3):
     """Runs one (task, variant) in a child process, again if it dies.
 
-    With jaxlib 0.10.2 on the 2-core dev machine about one process start in ten hangs in its
-    first steps, every XLA CPU worker idle while the executable waits for an input event that
-    never fires (gdb stacks in the issue 4 note; not root-caused). A child that stalls is ended
-    by its StallWatchdog (90 s without a step) and the run starts again from scratch, with the
-    same seeds, so its result is what an uninterrupted run gives.
+    A run that stalls (the start-of-run deadlock fixed in agents.sac.init_seeds was the one seen)
+    is ended by its StallWatchdog (90 s without a step) and starts again from scratch with the same
+    seeds, so its result is what an uninterrupted run gives.
     """
     args = [sys.executable, "-m", "experiments.state_study", "--in_process",
             f"--tasks={task}", f"--variants={variant}", f"--seeds={','.join(map(str, seeds))}",

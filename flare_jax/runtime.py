@@ -134,12 +134,11 @@ class StallWatchdog:
 def host_to_device(*arrays):
     """`jax.device_put` of host (numpy) arrays, returned only once the copies are done.
 
-    Why: with jaxlib 0.10.2 on the 2-core dev machine, a jitted call whose inputs were still
-    being copied asynchronously from numpy sometimes never ran: the CPU client's executable
-    waited on input events that never fired, with every XLA worker idle (one process start in
-    three to ten hung in its first step; ball_in_cup_catch under load hung five times in five).
-    Waiting for the copies first costs microseconds for the small per-step arrays of the
-    training loops. Returns one array for one input, else a tuple.
+    The training loops hand each step's env output to the next jitted call through this, so a
+    step never starts with inputs still in flight. It was added while chasing a start-of-run
+    hang that turned out to be a batched LAPACK QR on XLA's CPU pool (see agents.sac.init_seeds);
+    it is kept as a cheap precaution (microseconds for the small per-step arrays). Returns one
+    array for one input, else a tuple.
     """
     import jax  # pylint: disable=g-import-not-at-top
     out = jax.block_until_ready(jax.device_put(arrays))
