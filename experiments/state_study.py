@@ -158,6 +158,7 @@ def summarise(tasks, variants, out_dir, title="") -> tuple[str, str]:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    import matplotlib.ticker  # pylint: disable=g-import-not-at-top
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     rows = []
     for ax, task in zip(axes[0], tasks):
@@ -180,6 +181,8 @@ def summarise(tasks, variants, out_dir, title="") -> tuple[str, str]:
                              final_se=fse, finals=" ".join(f"{v:.1f}" for v in finals)))
         ax.set_title(task, fontsize=10)
         ax.set_xlabel("environment steps")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(
+            lambda v, _: f"{v / 1000:g}k" if v else "0"))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("evaluation return")
     axes[0][-1].legend(fontsize=8, loc="best")
@@ -230,10 +233,11 @@ def main(argv):
         return
     # the effective study flags, so the command reproduces the run whatever the entry point
     # (make run starts experiments.default_run, whose defaults differ)
-    write_command(FLAGS.out_dir, "experiments.state_study", [
-        f"--tasks={','.join(FLAGS.tasks)}", f"--variants={','.join(FLAGS.variants)}",
+    run_flags = [] if FLAGS.summarise_only else [
         f"--seeds={','.join(FLAGS.seeds)}", f"--env_steps={FLAGS.env_steps}",
-        f"--evals={FLAGS.evals}", f"--eval_episodes={FLAGS.eval_episodes}",
+        f"--evals={FLAGS.evals}", f"--eval_episodes={FLAGS.eval_episodes}"]
+    write_command(FLAGS.out_dir, "experiments.state_study", [
+        f"--tasks={','.join(FLAGS.tasks)}", f"--variants={','.join(FLAGS.variants)}", *run_flags,
         f"--out_dir={FLAGS.out_dir}"] + (["--summarise_only"] if FLAGS.summarise_only else []),
         append=True)
     t0 = time.time()
