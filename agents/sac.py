@@ -265,13 +265,20 @@ def update(state: SACState, batch: Batch, key: Array,
     share = config.share_frames and getattr(nets.encoder, "per_frame", False)
 
     def critic_loss_fn(params):
-        if share:   # encode obs's T frames (with gradient) and next_obs's newest frame only
-            enc = lambda x, method: nets.encoder.apply({"params": params["trunk"]}, x, method=method)  # noqa: E731
-            z = enc(obs, "per_frame_latents")                                   # [B, T, ...]
-            z_new = enc(next_obs[:, -1:], "encode_frames")                       # [B, 1, ...]
-            h = enc(z, "fuse_latents")
-            z_next = jnp.concatenate([z[:, 1:], z_new], axis=1)
-            h_next = jax.lax.stop_gradient(enc(jax.lax.stop_gradient(z_next), "fuse_latents"))
+        if share:   # encode obs's T frames and next_obs's newest frame only, T+1 in all
+            enc = lambda p, x, method: nets.encoder.apply({"params": p}, x, method=method)  # noqa: E731
+            # Frames whose latents need no gradient (the encoder's detached oldest d of obs, and
+            # next_obs's newest) go through the convs once with frozen parameters: no backward
+            # pass and no saved activations for them.
+            d = nets.encoder.detached_frames
+            frozen = jax.lax.stop_gradient(params["trunk"])
+            z_frozen = enc(frozen, jnp.concatenate([obs[:, :d], next_obs[:, -1:]], axis=1),
+                           "encode_frames")                                   # [B, d + 1, ...]
+            z_live = enc(params["trunk"], obs[:, d:], "encode_frames")        # [B, T - d, ...]
+            z = jnp.concatenate([z_frozen[:, :d], z_live], axis=1)            # [B, T, ...]
+            h = enc(params["trunk"], z, "fuse_latents")
+            z_next = jax.lax.stop_gradient(jnp.concatenate([z[:, 1:], z_frozen[:, d:]], axis=1))
+            h_next = jax.lax.stop_gradient(enc(params["trunk"], z_next, "fuse_latents"))
         else:
             h = _trunk(nets, params, obs)
             h_next = jax.lax.stop_gradient(_trunk(nets, params, next_obs))

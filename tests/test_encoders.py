@@ -79,6 +79,33 @@ def test_flare_stop_gradient_is_on_the_subtrahend_only():
     np.testing.assert_array_equal(latent_flow(z, 0)[2:], z[1:] - z[:-1])
 
 
+@pytest.mark.parametrize("name,shape", [("flare", (2,) + SMALL), ("atari_flare", (2, 4, 84, 84, 1))])
+def test_detaching_the_oldest_frame_keeps_values_and_parameter_gradients(name, shape):
+    """Flare encodes z_1 under stop_gradient (no conv backward for it): the features and the
+    gradients of every parameter equal those of the same encoder without the detach."""
+    enc = make_encoder(name, feature_dim=8) if name == "flare" else make_encoder(name)
+    assert enc.detached_frames == 1
+    plain = type(enc).__new__(type("NoDetach", (type(enc),), {"detached_frames": 0}))
+    plain.__init__(**{f: getattr(enc, f) for f in enc.__dataclass_fields__
+                      if f not in ("parent", "name")})
+    x = _pixels(shape)
+    params = _init(enc, x)
+    w = jax.random.normal(jax.random.PRNGKey(3), enc.apply(params, x).shape)
+
+    def grads(e):
+        return jax.value_and_grad(lambda p: jnp.sum(e.apply(p, x) * w))(params)
+
+    np.testing.assert_allclose(enc.apply(params, x), plain.apply(params, x), rtol=1e-5, atol=1e-5)
+    (_, g), (_, g_ref) = grads(enc), grads(plain)
+    conv_grads = 0
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
+        # float32 summation order differs (fewer frames per conv call): tolerance ~ the scale
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * (np.abs(b).max() + 1e-3),
+                                   err_msg=jax.tree_util.keystr(path))
+        conv_grads += "conv" in jax.tree_util.keystr(path) and np.abs(a).max() > 0
+    assert conv_grads > 0
+
+
 @pytest.mark.parametrize("name", ["flare", "latent_stack", "recurrent"])
 def test_per_frame_weights_are_shared(name):
     """Encoding frames one by one equals the batched per-frame latents."""

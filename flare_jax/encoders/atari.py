@@ -12,8 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flare_jax.encoders.layers import (ConvStack, DenseLayerNorm, check_frames, latent_flow,
-                                       merge_leading)
+from flare_jax.encoders.layers import (ConvStack, DenseLayerNorm, check_frames, encode_per_frame,
+                                       latent_flow, merge_leading)
 
 Array = jax.Array
 
@@ -52,6 +52,7 @@ class AtariFlareTorso(_AtariTorso):
     """Per-frame conv 16@8x8/4 ReLU, 32@4x4/2 ReLU, 32@3x3/1 (no ReLU) -> 1568 per frame;
     [z_2..z_4, z_i - sg(z_{i-1})] -> 9408; Dense(256) -> LayerNorm, no activation."""
     min_frames = 2
+    detached_frames = 1      # z_1 enters only as the stop-gradient subtrahend of f_2
 
     def _conv_stack(self) -> ConvStack:
         return ConvStack(filters=(16, 32, 32), kernel_sizes=(8, 4, 3), strides=(4, 2, 1),
@@ -60,9 +61,9 @@ class AtariFlareTorso(_AtariTorso):
 
     def trunk(self, x: Array) -> Array:
         frames, lead = self._frames(x)                         # [N, T, H, W, C]
-        n, t = frames.shape[:2]
-        z = self.convs(frames.reshape((n * t,) + frames.shape[2:]))
-        z = z.reshape(n, t, -1)                                # [N, T, 1568]
+        # z_1 enters only through latent_flow's stop_gradient: no conv backward pass for it
+        z = encode_per_frame(self.convs, frames, self.detached_frames)
+        z = z.reshape(z.shape[:2] + (-1,))                     # [N, T, 1568]
         return latent_flow(z, time_axis=1).reshape(lead + (-1,))
 
 

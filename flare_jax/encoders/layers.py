@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -157,6 +157,31 @@ def latent_flow(z: Array, time_axis: int) -> Array:
     newer = jax.lax.slice_in_dim(z, 1, t, axis=time_axis)
     older = jax.lax.slice_in_dim(z, 0, t - 1, axis=time_axis)
     return jnp.concatenate([newer, newer - jax.lax.stop_gradient(older)], axis=time_axis)
+
+
+def encode_per_frame(encode: Callable[[Array], Array], frames: Array, detached: int = 0) -> Array:
+    """Applies `encode` ([M, *frame] -> [M, *out]) to every frame of frames [N, K, *frame]
+    -> [N, K, *out], as one batch of N*K frames.
+
+    The oldest `detached` frames' outputs come back under stop_gradient: for fusions in which they
+    reach the result only through stop_gradient (latent flow's z_1) this gives the same values and
+    gradients while autodiff never runs the conv backward pass for them ((K-d)/K of that work).
+    """
+    n, k = frames.shape[:2]
+    if not 0 <= detached <= k:
+        raise ValueError(f"detached frames must be in [0, {k}], got {detached}")
+
+    def run(x: Array) -> Array:
+        m = x.shape[1]
+        y = encode(x.reshape((n * m,) + x.shape[2:]))
+        return y.reshape((n, m) + y.shape[1:])
+
+    if detached == 0:
+        return run(frames)
+    old = jax.lax.stop_gradient(run(frames[:, :detached]))
+    if detached == k:
+        return old
+    return jnp.concatenate([old, run(frames[:, detached:])], axis=1)
 
 
 def merge_leading(x: Array, keep: int) -> tuple[Array, tuple[int, ...]]:

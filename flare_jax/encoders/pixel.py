@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from flare_jax.encoders.layers import (ConvStack, DenseLayerNorm, check_frames, delta_orthogonal,
-                                       latent_flow, merge_leading, to_unit_float)
+                                       encode_per_frame, latent_flow, merge_leading, to_unit_float)
 
 Array = jax.Array
 
@@ -46,6 +46,10 @@ class PixelEncoder(nn.Module):
     # Per-frame encoders compute trunk(x) = fuse_latents(per_frame_latents(x)); SAC then encodes
     # the frames shared by obs and next_obs once.
     per_frame = False
+    # The oldest `detached_frames` frames reach the trunk's output only through stop_gradient;
+    # per_frame_latents encodes them under stop_gradient (layers.encode_per_frame: the same
+    # gradients without their conv backward pass).
+    detached_frames = 0
 
     def _layer_strides(self) -> tuple[int, ...]:
         if self.strides is None:
@@ -82,19 +86,20 @@ class PixelEncoder(nn.Module):
         return merge_leading(x, 4)
 
     def per_frame_latents(self, x: Array) -> Array:
-        """[..., T, H, W, C] pixels -> conv maps [..., T, h, w, c], frames encoded independently."""
+        """[..., T, H, W, C] pixels -> conv maps [..., T, h, w, c], frames encoded independently
+        (the oldest `detached_frames` maps under stop_gradient)."""
         check_frames(x, self.num_frames, type(self).__name__, self.frame_rank)
-        return self.encode_frames(x)
+        return self.encode_frames(x, self.detached_frames)
 
-    def encode_frames(self, x: Array) -> Array:
-        """Any number K of frames [..., K, H, W, C] -> their conv maps [..., K, h, w, c]."""
+    def encode_frames(self, x: Array, detached: int = 0) -> Array:
+        """Any number K of frames [..., K, H, W, C] -> their conv maps [..., K, h, w, c]; the
+        oldest `detached` maps under stop_gradient."""
         if x.ndim < 4:
             raise ValueError(f"{type(self).__name__}.encode_frames expects [..., K, H, W, C], "
                              f"got shape {tuple(x.shape)}")
         frames, lead = merge_leading(x, 4)
-        n, t = frames.shape[:2]
-        z = self.convs(frames.reshape((n * t,) + frames.shape[2:]))
-        return z.reshape(lead + (t,) + z.shape[1:])
+        z = encode_per_frame(self.convs, frames, detached)
+        return z.reshape(lead + z.shape[1:])
 
     def trunk(self, x: Array) -> Array:
         raise NotImplementedError
@@ -128,6 +133,7 @@ class FlareEncoder(_PerFrameEncoder):
     At 108 px, T=3 the Dense layer is 282,752 -> 64.
     """
     min_frames = 2
+    detached_frames = 1      # z_1 enters only as the stop-gradient subtrahend of f_2
 
     def fuse_latents(self, z: Array) -> Array:
         fused = latent_flow(z, time_axis=z.ndim - 4)       # [..., 2T-2, h, w, c]
