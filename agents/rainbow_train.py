@@ -161,8 +161,9 @@ class RainbowRunner:
             fn = jax.jit(lambda c, f, r, d, first, b, eps: self._step(c, f, r, d, first, b, n_updates, eps),
                          donate_argnums=0)
             self._step_fns[n_updates] = fn
-        return fn(carry, *host_to_device(ts.frame, ts.reward, ts.discount, ts.first,
-                                          np.float32(beta), np.float32(epsilon)))
+        # numpy in, straight to the jitted call (its own transfer; no extra sync per step)
+        return fn(carry, ts.frame, ts.reward, ts.discount, ts.first, np.float32(beta),
+                  np.float32(epsilon))
 
     def _act_eval(self, agent, stack, key, epsilon):
         return rainbow.act(agent, stack, key, epsilon)
@@ -180,7 +181,7 @@ def evaluate(runner: RainbowRunner, env, agent, key, frames: int, epsilon: float
         ts = env.step(action)
         done_frames += env.num_envs * env.frames_per_step
         returns += ts.episode_return[ts.last].tolist()
-        stack = runner.stack_push(stack, *host_to_device(ts.frame, ts.first))
+        stack = runner.stack_push(stack, ts.frame, ts.first)
     if returns:
         return {"return_mean": float(np.mean(returns)), "episodes": len(returns), "complete": 1}
     return {"return_mean": float(np.mean(ts.episode_return)), "episodes": 0, "complete": 0}

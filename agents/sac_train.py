@@ -245,8 +245,7 @@ def evaluate(runner: SACRunner, env: DMCEnv, agent: sac.SACState) -> np.ndarray:
         ts = env.step(action)
         returns += np.where(done, 0.0, ts.reward)
         done |= ts.last
-        stack = runner._stack_push(stack, *host_to_device(runner.split_seeds(ts.frame),
-                                                          runner.split_seeds(ts.first)))
+        stack = runner._stack_push(stack, runner.split_seeds(ts.frame), runner.split_seeds(ts.first))
     return runner.split_seeds(returns)
 
 
@@ -310,8 +309,8 @@ def train(config: TrainConfig, log: Optional[Callable[[str], None]] = print) -> 
                 watchdog.beat()
                 action = np.asarray(carry.action).reshape(env.num_envs, -1)
                 ts = env.step(action)
-                args = host_to_device(*(runner.split_seeds(a) for a in
-                                        (ts.frame, ts.reward, ts.discount, ts.first)))
+                # numpy in, straight to the jitted calls (no extra sync per step)
+                args = tuple(runner.split_seeds(a) for a in (ts.frame, ts.reward, ts.discount, ts.first))
                 step += 1
                 learning = step >= config.init_steps
                 if learning and step % config.update_every == 0:

@@ -309,9 +309,12 @@ def seeds():
             times.append((time.perf_counter() - t) / 100)
         med = float(np.median(times))
         base = base or med
-        _emit(dict(bench="seeds", seeds=s, s_per_call=med, seed_updates_per_s=s / med))
+        # work of one call by XLA's cost analysis; it includes the every-2 actor step's branch
+        gflop = xla_flops(fn, agent, replay_state, keys, jnp.int32(0)) / 1e9
+        _emit(dict(bench="seeds", seeds=s, s_per_call=med, seed_updates_per_s=s / med, gflop=gflop))
         print(f"  S={s:3d}: {med * 1e3:7.2f} ms per vmapped update, {s / med:8.0f} seed-updates/s, "
-              f"{med / base:5.2f}x the wall time of 1 seed", flush=True)
+              f"{med / base:5.2f}x the wall time of 1 seed; {gflop:.2f} GFLOP per call = "
+              f"{gflop / med:.0f} GFLOP/s", flush=True)
 
 
 flags.DEFINE_integer("e2e_frames", 40_000, "rainbow: frames of the end-to-end Pong run")
@@ -353,8 +356,17 @@ def rainbow():
                      slot=jnp.zeros(batch, jnp.int32))
         fn = jax.jit(lambda s, b, k: rb.update(s, b, jnp.ones(batch), k)[0])
         update_ms[torso] = 1e3 * _median_call_s(fn, state, b, key, calls=20, repeats=FLAGS.repeats)
-        _emit(dict(bench="rainbow_update", torso=torso, ms=update_ms[torso]))
-        print(f"  update, {torso:15s} batch {batch}: {update_ms[torso]:7.1f} ms", flush=True)
+        # work per update, counted on the plain conv lowering (cost analysis counts a chunked
+        # loop's body once)
+        plain_cfg = rb.RainbowConfig(torso=torso, torso_kwargs=(("conv_impl", "plain"),))
+        plain = jax.eval_shape(lambda k: rb.init(k, jax.ShapeDtypeStruct((4, 84, 84, 1), jnp.uint8),
+                                                 num_actions, plain_cfg), key)
+        gflop = xla_flops(jax.jit(lambda s, b, k: rb.update(s, b, jnp.ones(batch), k)[0]),
+                          plain, b, key) / 1e9
+        _emit(dict(bench="rainbow_update", torso=torso, ms=update_ms[torso], gflop=gflop))
+        print(f"  update, {torso:15s} batch {batch}: {update_ms[torso]:7.1f} ms, {gflop:.2f} GFLOP "
+              f"= {gflop / update_ms[torso] * 1e3:.0f} GFLOP/s; at 1,000 frames/s (62.5 updates/s) "
+              f"the updates alone need {gflop * 62.5:.0f} GFLOP/s", flush=True)
 
     # PER at 1M: sample a batch (sum-tree descent + stack/n-step gather) and write priorities back
     rc = rp.ReplayConfig(capacity=FLAGS.per_capacity, frame_shape=(84, 84, 1), action_shape=(),
