@@ -210,6 +210,16 @@ def summarise(tasks, variants, out_dir, title="") -> tuple[str, str]:
     table = "\n".join(lines)
     md = (f"# Final evaluation return (mean +- s.e. over seeds)\n\n{table}\n\n"
           f"Env steps at the final evaluation: {steps_note}.\n")
+    if "state_full" in variants:   # the paper's comparison: each variant against full state
+        rel = [header, "|---" * (len(tasks) + 1) + "|"]
+        for variant in variants:
+            cells = []
+            for task in tasks:
+                r, full = by.get((task, variant)), by.get((task, "state_full"))
+                ok = r is not None and full is not None and full["final_mean"] > 0
+                cells.append(f"{100 * r['final_mean'] / full['final_mean']:.0f}%" if ok else "-")
+            rel.append(f"| {LABELS.get(variant, variant)} | " + " | ".join(cells) + " |")
+        md += ("\n## Final return as a share of full state's\n\n" + "\n".join(rel) + "\n")
     with open(os.path.join(out_dir, "final_returns.md"), "w") as f:
         f.write(md)
     return table, png

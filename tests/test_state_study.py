@@ -54,3 +54,22 @@ def test_sigterm_stops_the_study_and_its_child(tmp_path):
     assert proc.returncode != 0
     left = subprocess.run(["pgrep", "-f", f"out_dir={tmp_path}"], capture_output=True, text=True)
     assert left.stdout.strip() == "", "the child process outlived the study"
+
+
+def test_summary_tables_give_returns_and_shares_of_full_state(tmp_path):
+    from experiments.state_study import summarise
+    finals = {"state_full": (800.0, 600.0), "state_flare": (700.0, 500.0)}   # seeds 0, 1
+    for variant, values in finals.items():
+        for seed, final in enumerate(values):
+            d = tmp_path / "cartpole_swingup" / variant / f"seed_{seed}"
+            d.mkdir(parents=True)
+            (d / "eval.csv").write_text(
+                "step,agent_steps,return_mean,return_std,episodes,eval_seconds,wall_seconds\n"
+                f"1000,125,10.0,0,5,0,0\n2000,250,{final},0,5,0,0\n")
+    table, png = summarise(["cartpole_swingup"], ["state_full", "state_position", "state_flare"],
+                           str(tmp_path))
+    assert "| full state | 700.0 +- 100.0 |" in table and "| position only | - |" in table
+    md = (tmp_path / "final_returns.md").read_text()
+    assert "| state-Flare | 600.0 +- 100.0 |" in md
+    assert "| state-Flare | 86% |" in md and "| full state | 100% |" in md   # 600 / 700
+    assert "cartpole_swingup: 2,000" in md and os.path.exists(png)
