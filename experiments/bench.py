@@ -356,15 +356,13 @@ def rainbow():
                      slot=jnp.zeros(batch, jnp.int32))
         fn = jax.jit(lambda s, b, k: rb.update(s, b, jnp.ones(batch), k)[0])
         update_ms[torso] = 1e3 * _median_call_s(fn, state, b, key, calls=20, repeats=FLAGS.repeats)
-        # work per update, counted on the plain conv lowering (cost analysis counts a chunked
-        # loop's body once)
-        plain_cfg = rb.RainbowConfig(torso=torso, torso_kwargs=(("conv_impl", "plain"),))
-        plain = jax.eval_shape(lambda k: rb.init(k, jax.ShapeDtypeStruct((4, 84, 84, 1), jnp.uint8),
-                                                 num_actions, plain_cfg), key)
         work = ""
         if jax.default_backend() == "cpu":   # GPU cost analysis leaves out cuDNN's convolutions
-            gflop = xla_flops(jax.jit(lambda s, b, k: rb.update(s, b, jnp.ones(batch), k)[0]),
-                              plain, b, key) / 1e9
+            # counted on the plain conv lowering (cost analysis counts a chunked loop's body once)
+            plain_cfg = rb.RainbowConfig(torso=torso, torso_kwargs=(("conv_impl", "plain"),))
+            plain = jax.eval_shape(lambda k: rb.init(k, jax.ShapeDtypeStruct((4, 84, 84, 1), jnp.uint8),
+                                                     num_actions, plain_cfg), key)
+            gflop = xla_flops(fn, plain, b, key) / 1e9
             work = (f", {gflop:.2f} GFLOP = {gflop / update_ms[torso] * 1e3:.0f} GFLOP/s; at 1,000 "
                     f"frames/s (62.5 updates/s) the updates alone need {gflop * 62.5:.0f} GFLOP/s")
         _emit(dict(bench="rainbow_update", torso=torso, ms=update_ms[torso]))

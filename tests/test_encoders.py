@@ -85,9 +85,9 @@ def test_detaching_the_oldest_frame_keeps_values_and_parameter_gradients(name, s
     gradients of every parameter equal those of the same encoder without the detach."""
     enc = make_encoder(name, feature_dim=8) if name == "flare" else make_encoder(name)
     assert enc.detached_frames == 1
-    plain = type(enc).__new__(type("NoDetach", (type(enc),), {"detached_frames": 0}))
-    plain.__init__(**{f: getattr(enc, f) for f in enc.__dataclass_fields__
-                      if f not in ("parent", "name")})
+    no_detach = type("NoDetach", (type(enc),), {"detached_frames": 0})
+    plain = no_detach(**{f: getattr(enc, f) for f in enc.__dataclass_fields__
+                         if f not in ("parent", "name")})
     x = _pixels(shape)
     params = _init(enc, x)
     w = jax.random.normal(jax.random.PRNGKey(3), enc.apply(params, x).shape)
