@@ -4,18 +4,24 @@
 VALID padding (no ReLU after the last layer if `relu_last=False`): the same function as chaining
 `lax.conv_general_dilated`, bias add and ReLU.
 
-Why (2-core CPU, measured in `python -m experiments.bench encoders`): on this machine class a
-pass over a batch activation (384 frames x 53x53x32 floats, 138 MB) costs ~70 ms of memory
-bandwidth, and XLA's full-batch lowering makes ~10 such passes per layer (bias, ReLU, its mask,
-the layout transposes of the filter gradient, ...). The CPU path runs the stack over chunks of the
-batch small enough for those intermediates to stay in the L3 cache, with a custom VJP whose
-backward pass also goes chunk by chunk and accumulates the weight gradients:
+Why (2-core CPU, measured in `python -m experiments.bench encoders` and `sac_update`): on this
+machine class a pass over a batch activation (384 frames x 53x53x32 floats, 138 MB) costs ~70 ms
+of memory bandwidth, and XLA's full-batch lowering makes ~10 such passes per layer (bias, ReLU,
+its mask, the layout transposes of the filter gradient, ...). The CPU path splits the batch into
+chunks whose largest activation is ~CHUNK_BYTES, with a custom VJP:
 
-* forward: `lax.map` over chunks, keeping each layer's output as the residual (one DRAM write);
-* backward: `lax.scan` over chunks: ReLU mask, bias gradient, filter gradient (a convolution of
-  the layer input with the output gradient) and input gradient (a convolution of the output
-  gradient with the flipped kernel, lhs-dilated for strided layers) - each one an Eigen
-  convolution on cache-resident data.
+* forward: each chunk through all layers; every layer's output is kept as the residual;
+* backward, chunk by chunk: ReLU mask, bias gradient (a two-stage sum), filter gradient (a
+  convolution of the layer input with the output gradient, batch contracted) and input gradient
+  (a convolution of the output gradient with the flipped kernel, lhs-dilated for strided layers),
+  each an Eigen convolution; the weight gradients are summed over chunks.
+
+The chunks are a Python loop (one set of ops per chunk), not `lax.map`/`lax.scan`: a scan's
+stacked residuals cost a zero-fill of each buffer plus dynamic-update-slice copies (~130 ms of a
+1.5 s frame-stack SAC update in a profile), and the unrolled loop measured 0.89-0.94x the scan's
+time for the frame-stack update and 0.90x for Flare's (A/B in one process, 2-core VM). XLA is free
+to order the per-chunk ops (it runs them layer by layer); one full-batch chunk measured 1.06x
+slower than the default chunking.
 
 The input gradient of the first layer is computed only when `x` is floating point (pixels given
 as uint8 are not differentiable). GPU/TPU use the plain lowering (cuDNN / XLA TPU convs), which
@@ -77,53 +83,70 @@ def _input_grad(g: Array, kernel: Array, in_hw, stride: int) -> Array:
 
 
 def _chunking(n: int, bytes_per_item: int) -> tuple[int, int]:
-    """(number of chunks, chunk size) with chunks * size >= n and small padding."""
+    """(number of chunks, chunk size) with chunks * size >= n and balanced chunks."""
     size = max(1, min(n, CHUNK_BYTES // max(bytes_per_item, 1)))
     chunks = math.ceil(n / size)
     return chunks, math.ceil(n / chunks)
 
 
+def _bounds(n: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, stop) of each chunk of a batch of n (the last one may be smaller)."""
+    return [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
+
+
+def _concat(parts: list[Array]) -> Array:
+    return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _bias_grad(g: Array) -> Array:
+    """sum of g [n, h, w, c] over n, h, w, in two stages (XLA CPU's one-shot reduction of this
+    shape lowered to a reduce-window that took 2-3x longer)."""
+    n, h, w, c = g.shape
+    return g.reshape(n * h, w * c).sum(0).reshape(w, c).sum(0)
+
+
+def _layers_backward(kernels, ins, outs, g, strides, relu_last, want_dx):
+    """Filter gradients, bias gradients and (if want_dx) the input gradient of one chunk, given
+    each layer's input `ins[i]`, output `outs[i]` and the output gradient g."""
+    n_layers = len(kernels)
+    dks, dbs = [None] * n_layers, [None] * n_layers
+    for i in reversed(range(n_layers)):
+        if i < n_layers - 1 or relu_last:
+            g = jnp.where(outs[i] > 0, g, 0.0)
+        dbs[i] = _bias_grad(g)
+        dks[i] = _filter_grad(ins[i], g, kernels[i].shape, strides[i])
+        if i > 0 or want_dx:
+            g = _input_grad(g, kernels[i], ins[i].shape[1:3], strides[i])
+    return dks, dbs, (g if want_dx else None)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _chunked(kernels, biases, x, strides, relu_last, scale, chunk):
-    xs = x.reshape((-1, chunk) + x.shape[1:])
-    ys = lax.map(lambda xc: _forward_layers(kernels, biases, xc, strides, relu_last, scale)[-1], xs)
-    return ys.reshape((-1,) + ys.shape[2:])
+    return _chunked_fwd(kernels, biases, x, strides, relu_last, scale, chunk)[0]
 
 
 def _chunked_fwd(kernels, biases, x, strides, relu_last, scale, chunk):
-    xs = x.reshape((-1, chunk) + x.shape[1:])
-    outs = lax.map(lambda xc: _forward_layers(kernels, biases, xc, strides, relu_last, scale), xs)
-    y = outs[-1].reshape((-1,) + outs[-1].shape[2:])
-    return y, (kernels, biases, xs, outs)
+    outs = [_forward_layers(kernels, biases, x[a:b], strides, relu_last, scale)
+            for a, b in _bounds(x.shape[0], chunk)]
+    return _concat([o[-1] for o in outs]), (kernels, x, outs)
 
 
 def _chunked_bwd(strides, relu_last, scale, chunk, residuals, g):
-    kernels, biases, xs, outs = residuals
-    n_layers = len(kernels)
-    want_dx = jnp.issubdtype(xs.dtype, jnp.floating)
-    gs = g.reshape((-1, chunk) + g.shape[1:])
-
-    def body(acc, inputs):
-        xc, outs_c, gc = inputs
-        ins = [xc.astype(jnp.float32) * scale] + list(outs_c[:-1])
-        dks, dbs = [None] * n_layers, [None] * n_layers
-        for i in reversed(range(n_layers)):
-            if i < n_layers - 1 or relu_last:
-                gc = jnp.where(outs_c[i] > 0, gc, 0.0)
-            dbs[i] = gc.sum((0, 1, 2))
-            dks[i] = _filter_grad(ins[i], gc, kernels[i].shape, strides[i])
-            if i > 0 or want_dx:
-                gc = _input_grad(gc, kernels[i], ins[i].shape[1:3], strides[i])
-        acc_k, acc_b = acc
-        acc = ([a + d for a, d in zip(acc_k, dks)], [a + d for a, d in zip(acc_b, dbs)])
-        return acc, (gc * scale if want_dx else None)
-
-    zeros = ([jnp.zeros_like(k) for k in kernels], [jnp.zeros_like(b) for b in biases])
-    (dk, db), dxs = lax.scan(body, zeros, (xs, outs, gs))
+    kernels, x, outs = residuals
+    want_dx = jnp.issubdtype(x.dtype, jnp.floating)
+    dk = [jnp.zeros_like(k) for k in kernels]
+    db = [jnp.zeros(k.shape[-1], k.dtype) for k in kernels]
+    dxs = []
+    for (a, b), outs_c in zip(_bounds(x.shape[0], chunk), outs):
+        ins = [x[a:b].astype(jnp.float32) * scale] + list(outs_c[:-1])
+        dks, dbs, dx = _layers_backward(kernels, ins, outs_c, g[a:b], strides, relu_last, want_dx)
+        dk = [u + v for u, v in zip(dk, dks)]
+        db = [u + v for u, v in zip(db, dbs)]
+        dxs.append(dx)
     if want_dx:
-        dx = dxs.reshape((-1,) + dxs.shape[2:]).astype(xs.dtype)
+        dx = (_concat(dxs) * scale).astype(x.dtype)
     else:
-        dx = np.zeros((xs.shape[0] * xs.shape[1],) + xs.shape[2:], jax.dtypes.float0)
+        dx = np.zeros(x.shape, jax.dtypes.float0)
     return tuple(dk), tuple(db), dx
 
 
@@ -151,9 +174,5 @@ def conv_stack(kernels: Sequence[Array], biases: Sequence[Array], x: Array, stri
     for k, s in zip(kernels, strides):
         ho, wo = (ho - k.shape[0]) // s + 1, (wo - k.shape[1]) // s + 1
         largest = max(largest, ho * wo * k.shape[3] * 4)
-    chunks, chunk = _chunking(n, max(largest, hgt * wid * x.shape[3] * 4))
-    padded = chunks * chunk
-    if padded != n:
-        x = jnp.concatenate([x, jnp.zeros((padded - n,) + x.shape[1:], x.dtype)])
-    y = _chunked(kernels, biases, x, strides, bool(relu_last), float(scale), chunk)
-    return y[:n]
+    _, chunk = _chunking(n, max(largest, hgt * wid * x.shape[3] * 4))
+    return _chunked(kernels, biases, x, strides, bool(relu_last), float(scale), chunk)
