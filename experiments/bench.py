@@ -43,8 +43,9 @@ flags.DEFINE_enum("conv_path", "all", ["all", "stock", "xla", "eigen", "fast"],
                   "xla (XLA's defaults: YNNPACK convs, full batch, tcmalloc), eigen (XLA "
                   "convs routed to Eigen, full batch), fast (Eigen + cache-sized batch chunks with "
                   "the custom VJP: flare_jax's default on CPU), all (one subprocess each)")
-flags.DEFINE_string("encoder", "both", "sac_update: flare, frame_stack, both or none (only the "
-                    "full-state updates)")
+flags.DEFINE_enum("encoder", "both", ["flare", "frame_stack", "stack", "both", "none"],
+                  "sac_update: flare, frame_stack (alias stack), both, or none (only the full-state "
+                  "updates)")
 flags.DEFINE_integer("fused", 50, "sac_update: updates per compiled call in the fused mode")
 flags.DEFINE_bool("json", False, "print one JSON line per measurement (used by subprocesses)")
 
@@ -202,7 +203,8 @@ def sac_update():
     from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
     key = jax.random.PRNGKey(0)
     action_dim = 6
-    encoders = {"both": ["flare", "frame_stack"], "none": []}.get(FLAGS.encoder, [FLAGS.encoder])
+    encoders = {"both": ["flare", "frame_stack"], "none": [], "stack": ["frame_stack"]}.get(
+        FLAGS.encoder, [FLAGS.encoder])
     print(f"sac_update: batch {FLAGS.batch}, {FLAGS.size}px (stored 100px, translate), "
           f"T={FLAGS.frames}, hidden 1024, feature 64, {action_dim}-dim actions, replay of 10k "
           f"transitions; median of {FLAGS.repeats}, backend {jax.default_backend()}, "
