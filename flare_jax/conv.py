@@ -41,8 +41,8 @@ from jax import lax
 Array = jax.Array
 _DN = ("NHWC", "HWIO", "NHWC")
 # Chunk size target: the largest activation of a chunk stays below this (bytes). At the SAC
-# reference shapes 6 MiB (chunks of 13 frame stacks, of 16-17 Flare frames) measured within 3% of 2-4x larger
-# chunks and 6% faster than one full-batch chunk (2-core VM, frame-stack and Flare SAC updates).
+# reference shapes, 6 MiB (chunks of 13 frame stacks, of 16-17 Flare frames) measured within 3%
+# of 2-4x larger chunks and 6% faster than one full-batch chunk (2-core VM, SAC updates).
 CHUNK_BYTES = 6 * 2**20
 IMPLS = ("auto", "plain", "chunked")
 
