@@ -83,20 +83,16 @@ def _input_grad(g: Array, kernel: Array, in_hw, stride: int) -> Array:
                                     dimension_numbers=_DN)
 
 
-def _chunking(n: int, bytes_per_item: int) -> tuple[int, int]:
-    """(number of chunks, chunk size) with chunks * size >= n and balanced chunks."""
+def _chunk_size(n: int, bytes_per_item: int) -> int:
+    """Items per chunk: at most CHUNK_BYTES / bytes_per_item (at least 1), balanced over the
+    chunks that a batch of n needs."""
     size = max(1, min(n, CHUNK_BYTES // max(bytes_per_item, 1)))
-    chunks = math.ceil(n / size)
-    return chunks, math.ceil(n / chunks)
+    return math.ceil(n / math.ceil(n / size))
 
 
 def _bounds(n: int, chunk: int) -> list[tuple[int, int]]:
     """[start, stop) of each chunk of a batch of n (the last one may be smaller)."""
     return [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
-
-
-def _concat(parts: list[Array]) -> Array:
-    return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def _bias_grad(g: Array) -> Array:
@@ -129,7 +125,7 @@ def _chunked(kernels, biases, x, strides, relu_last, scale, chunk):
 def _chunked_fwd(kernels, biases, x, strides, relu_last, scale, chunk):
     outs = [_forward_layers(kernels, biases, x[a:b], strides, relu_last, scale)
             for a, b in _bounds(x.shape[0], chunk)]
-    return _concat([o[-1] for o in outs]), (kernels, x, outs)
+    return jnp.concatenate([o[-1] for o in outs]), (kernels, x, outs)
 
 
 def _chunked_bwd(strides, relu_last, scale, chunk, residuals, g):
@@ -145,7 +141,7 @@ def _chunked_bwd(strides, relu_last, scale, chunk, residuals, g):
         db = [u + v for u, v in zip(db, dbs)]
         dxs.append(dx)
     if want_dx:
-        dx = (_concat(dxs) * scale).astype(x.dtype)
+        dx = (jnp.concatenate(dxs) * scale).astype(x.dtype)
     else:
         dx = np.zeros(x.shape, jax.dtypes.float0)
     return tuple(dk), tuple(db), dx
@@ -175,5 +171,5 @@ def conv_stack(kernels: Sequence[Array], biases: Sequence[Array], x: Array, stri
     for k, s in zip(kernels, strides):
         ho, wo = (ho - k.shape[0]) // s + 1, (wo - k.shape[1]) // s + 1
         largest = max(largest, ho * wo * k.shape[3] * 4)
-    _, chunk = _chunking(n, max(largest, hgt * wid * x.shape[3] * 4))
+    chunk = _chunk_size(n, max(largest, hgt * wid * x.shape[3] * 4))
     return _chunked(kernels, biases, x, strides, bool(relu_last), float(scale), chunk)
