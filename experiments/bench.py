@@ -6,6 +6,8 @@
   rainbow     Rainbow update (Flare and baseline torsos, batch 32), PER sample + priority update
               at 1M capacity, and end-to-end training frames/s on Pong with the time shares of
               env stepping, acting, replay and updates.
+  peak        this machine's float32 matmul throughput (the best of a few large square matmuls): the
+              compute ceiling that `seeds` and `rainbow` hold their targets against.
   sac_update  one pixel SAC update (replay sampling + augmentation + update) at the reference
               settings (--encoder=flare|frame_stack|both), and full-state SAC updates per
               second (256x256 and 1024x1024 MLPs), fused (lax.scan) and unfused.
@@ -76,6 +78,18 @@ def xla_flops(jitted, *args) -> float:
     return float(cost.get("flops", float("nan")))
 
 
+def matmul_peak_gflops(sizes=(1024, 2048, 3072), repeats: int = 5) -> tuple[float, int]:
+    """(GFLOP/s, n) of the fastest float32 n x n matmul among `sizes` (median of `repeats` calls
+    each, after a warm-up): the practical compute ceiling of the default backend."""
+    best = (0.0, 0)
+    for n in sizes:
+        a = jax.random.normal(jax.random.PRNGKey(n), (n, n), jnp.float32)
+        mm = jax.jit(lambda x, y: x @ y)
+        med = float(np.median(time_fn(mm, a, a, repeats=repeats)))
+        best = max(best, (2 * n ** 3 / med / 1e9, n))
+    return best
+
+
 def _rerun_self(name: str, env_update: dict, extra_args=()) -> list[dict]:
     """Runs `python -m experiments.bench name --json` with env changes; returns its records."""
     env = dict(os.environ, **env_update)
@@ -92,6 +106,15 @@ def _rerun_self(name: str, env_update: dict, extra_args=()) -> list[dict]:
 def _emit(record: dict):
     if FLAGS.json:
         print(json.dumps(record), flush=True)
+
+
+@benchmark
+def peak():
+    """The float32 matmul ceiling of this machine (see matmul_peak_gflops)."""
+    gflops, n = matmul_peak_gflops(repeats=FLAGS.repeats)
+    _emit(dict(bench="peak", gflops=gflops, n=n))
+    print(f"peak: backend {jax.default_backend()}, float32 matmul {gflops:.0f} GFLOP/s "
+          f"(best of n x n, n = 1024/2048/3072: n = {n}; median of {FLAGS.repeats})")
 
 
 @benchmark
@@ -293,7 +316,7 @@ def seeds():
     print(f"seeds: full-state SAC update (obs {obs_dim}, {action_dim}-dim actions, {FLAGS.hidden}x"
           f"{FLAGS.hidden}, batch {batch}, replay of 100k sampled inside), S seeds vmapped in one "
           f"call; median of {FLAGS.repeats} x 100 calls (pairs with and without the actor step)")
-    base = None
+    base, rows = None, []
     for s in (int(v) for v in FLAGS.num_seeds):
         keys = jax.random.split(jax.random.PRNGKey(0), s)
         agent = sac.init_seeds(keys, jax.ShapeDtypeStruct((1, obs_dim), jnp.float32),
@@ -317,6 +340,14 @@ def seeds():
         print(f"  S={s:3d}: {med * 1e3:7.2f} ms per vmapped update, {s / med:8.0f} seed-updates/s, "
               f"{med / base:5.2f}x the wall time of 1 seed; {gflop:.2f} GFLOP per call = "
               f"{gflop / med:.0f} GFLOP/s", flush=True)
+        rows.append((s, med, gflop))
+    # the compute floor: no implementation of these updates beats the machine's matmul peak
+    peak_gflops, _ = matmul_peak_gflops(repeats=FLAGS.repeats)
+    _emit(dict(bench="seeds_floor", peak_gflops=peak_gflops))
+    print(f"  floor at this run's float32 matmul peak ({peak_gflops:.0f} GFLOP/s, "
+          "`bench peak`): " + ", ".join(
+              f"S={s} >= {g / peak_gflops * 1e3:.1f} ms = {g / peak_gflops / base:.2f}x"
+              for s, _, g in rows) + " the measured 1-seed time", flush=True)
 
 
 flags.DEFINE_integer("e2e_frames", 40_000, "rainbow: frames of the end-to-end Pong run")
@@ -348,7 +379,7 @@ def rainbow():
     key = jax.random.PRNGKey(0)
     num_actions, batch = 6, 32
     print(f"rainbow: backend {jax.default_backend()}, median of {FLAGS.repeats}")
-    update_ms = {}
+    update_ms, flare_gflop = {}, None
     for torso in ("atari_flare", "atari_baseline"):
         state = rb.init(key, jax.ShapeDtypeStruct((4, 84, 84, 1), jnp.uint8), num_actions,
                         rb.RainbowConfig(torso=torso))
@@ -365,6 +396,8 @@ def rainbow():
             plain = jax.eval_shape(lambda k: rb.init(k, jax.ShapeDtypeStruct((4, 84, 84, 1), jnp.uint8),
                                                      num_actions, plain_cfg), key)
             gflop = xla_flops(fn, plain, b, key) / 1e9
+            if torso == "atari_flare":
+                flare_gflop = gflop
             work = (f", {gflop:.2f} GFLOP = {gflop / update_ms[torso] * 1e3:.0f} GFLOP/s; at 1,000 "
                     f"frames/s (62.5 updates/s) the updates alone need {gflop * 62.5:.0f} GFLOP/s")
         _emit(dict(bench="rainbow_update", torso=torso, ms=update_ms[torso]))
@@ -429,6 +462,15 @@ def rainbow():
     print("  time shares per loop iteration (" + f"{frames_per_iter} frames; components timed "
           "separately): " + ", ".join(f"{k} {v * 1e3:.1f} ms ({100 * v / total:.0f}%)" for k, v in parts.items()))
     print(f"  -> components alone would allow {frames_per_iter / total:,.0f} frames/s")
+    if flare_gflop is not None:
+        # the compute floor: updates at the machine's matmul peak, everything else as measured
+        peak_gflops, _ = matmul_peak_gflops(repeats=FLAGS.repeats)
+        t_floor = flare_gflop / peak_gflops * frames_per_iter / 16
+        bound = frames_per_iter / (total - t_update + t_floor)
+        print(f"  floor: at this run's float32 matmul peak ({peak_gflops:.0f} GFLOP/s, `bench peak`) "
+              f"a Flare update ({flare_gflop:.2f} GFLOP) takes >= {flare_gflop / peak_gflops * 1e3:.1f} ms, "
+              f"so this loop stays <= {bound:,.0f} frames/s")
+        _emit(dict(bench="rainbow_floor", peak_gflops=peak_gflops, max_frames_per_s=bound))
     _emit(dict(bench="rainbow_e2e", frames_per_s=fps_e2e, **{k: v for k, v in parts.items()}))
 
 
