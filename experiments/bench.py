@@ -78,13 +78,16 @@ def xla_flops(jitted, *args) -> float:
     return float(cost.get("flops", float("nan")))
 
 
-def matmul_peak_gflops(sizes=(1024, 2048, 3072), repeats: int = 5) -> tuple[float, int]:
+PEAK_SIZES = (1024, 2048, 3072)
+
+
+def matmul_peak_gflops(sizes=PEAK_SIZES, repeats: int = 5) -> tuple[float, int]:
     """(GFLOP/s, n) of the fastest float32 n x n matmul among `sizes` (median of `repeats` calls
     each, after a warm-up): the practical compute ceiling of the default backend."""
+    mm = jax.jit(lambda x, y: x @ y)
     best = (0.0, 0)
     for n in sizes:
         a = jax.random.normal(jax.random.PRNGKey(n), (n, n), jnp.float32)
-        mm = jax.jit(lambda x, y: x @ y)
         med = float(np.median(time_fn(mm, a, a, repeats=repeats)))
         best = max(best, (2 * n ** 3 / med / 1e9, n))
     return best
@@ -114,7 +117,7 @@ def peak():
     gflops, n = matmul_peak_gflops(repeats=FLAGS.repeats)
     _emit(dict(bench="peak", gflops=gflops, n=n))
     print(f"peak: backend {jax.default_backend()}, float32 matmul {gflops:.0f} GFLOP/s "
-          f"(best of n x n, n = 1024/2048/3072: n = {n}; median of {FLAGS.repeats})")
+          f"(best of n x n, n = {'/'.join(map(str, PEAK_SIZES))}: n = {n}; median of {FLAGS.repeats})")
 
 
 @benchmark
@@ -340,14 +343,14 @@ def seeds():
         print(f"  S={s:3d}: {med * 1e3:7.2f} ms per vmapped update, {s / med:8.0f} seed-updates/s, "
               f"{med / base:5.2f}x the wall time of 1 seed; {gflop:.2f} GFLOP per call = "
               f"{gflop / med:.0f} GFLOP/s", flush=True)
-        rows.append((s, med, gflop))
+        rows.append((s, gflop))
     # the compute floor: no implementation of these updates beats the machine's matmul peak
     peak_gflops, _ = matmul_peak_gflops(repeats=FLAGS.repeats)
     _emit(dict(bench="seeds_floor", peak_gflops=peak_gflops))
     print(f"  floor at this run's float32 matmul peak ({peak_gflops:.0f} GFLOP/s, "
           "`bench peak`): " + ", ".join(
               f"S={s} >= {g / peak_gflops * 1e3:.1f} ms = {g / peak_gflops / base:.2f}x"
-              for s, _, g in rows) + " the measured 1-seed time", flush=True)
+              for s, g in rows) + " the measured 1-seed time", flush=True)
 
 
 flags.DEFINE_integer("e2e_frames", 40_000, "rainbow: frames of the end-to-end Pong run")
@@ -465,10 +468,10 @@ def rainbow():
     if flare_gflop is not None:
         # the compute floor: updates at the machine's matmul peak, everything else as measured
         peak_gflops, _ = matmul_peak_gflops(repeats=FLAGS.repeats)
-        t_floor = flare_gflop / peak_gflops * frames_per_iter / 16
-        bound = frames_per_iter / (total - t_update + t_floor)
+        update_floor = flare_gflop / peak_gflops                         # seconds per update
+        bound = frames_per_iter / (total - t_update + update_floor * frames_per_iter / 16)
         print(f"  floor: at this run's float32 matmul peak ({peak_gflops:.0f} GFLOP/s, `bench peak`) "
-              f"a Flare update ({flare_gflop:.2f} GFLOP) takes >= {flare_gflop / peak_gflops * 1e3:.1f} ms, "
+              f"a Flare update ({flare_gflop:.2f} GFLOP) takes >= {update_floor * 1e3:.1f} ms, "
               f"so this loop stays <= {bound:,.0f} frames/s")
         _emit(dict(bench="rainbow_floor", peak_gflops=peak_gflops, max_frames_per_s=bound))
     _emit(dict(bench="rainbow_e2e", frames_per_s=fps_e2e, **{k: v for k, v in parts.items()}))
