@@ -43,29 +43,48 @@ from flare_jax.encoders.layers import dqn_uniform
 Array = jax.Array
 
 
+def _f(default, help_: str, **extra):
+    return dataclasses.field(default=default, metadata=dict(help=help_, **extra))
+
+
+TORSOS = ("atari_flare", "atari_baseline", "mlp")
+
+
 @dataclasses.dataclass(frozen=True)
 class RainbowConfig:
-    torso: str = "atari_flare"
-    torso_kwargs: tuple[tuple[str, Any], ...] = ()
-    num_atoms: int = 51
-    v_min: float = -10.0
-    v_max: float = 10.0
-    head_hidden: int = 512
-    noisy_sigma0: float = 0.1
-    learning_rate: float = 6.25e-5
-    adam_eps: float = 1.5625e-4
-    max_global_norm: float = 10.0
-    target_update_period: int = 2_000      # updates (32,000 frames at one update per 16 frames)
-    max_priority: float = 100.0
+    """Hyperparameters; defaults are DQN Zoo's Rainbow with the Flare torso."""
+    torso: str = _f("atari_flare", "torso: atari_flare (Flare), atari_baseline (frame stack), "
+                                   "mlp (vector observations)", choices=TORSOS)
+    torso_kwargs: tuple[tuple[str, Any], ...] = _f((), "other torso options, key=value items")
+    num_atoms: int = _f(51, "C51 atoms")
+    v_min: float = _f(-10.0, "C51 support minimum")
+    v_max: float = _f(10.0, "C51 support maximum")
+    head_hidden: int = _f(512, "width of the noisy dueling heads")
+    noisy_sigma0: float = _f(0.1, "initial noise scale of the noisy layers")
+    learning_rate: float = _f(6.25e-5, "Adam learning rate")
+    adam_eps: float = _f(1.5625e-4, "Adam epsilon")
+    max_global_norm: float = _f(10.0, "gradient clipping by global norm")
+    target_update_period: int = _f(2_000, "updates between hard target copies (2,000 = 32,000 "
+                                          "frames at one update per 16 frames)")
+    max_priority: float = _f(100.0, "priorities are clipped to [0, this]")
 
     def __post_init__(self):
         if isinstance(self.torso_kwargs, dict):
             object.__setattr__(self, "torso_kwargs", tuple(sorted(self.torso_kwargs.items())))
+        if self.torso not in TORSOS:
+            raise ValueError(f"unknown torso {self.torso!r}; valid torsos: {', '.join(TORSOS)}")
         if self.num_atoms < 2 or self.v_max <= self.v_min:
             raise ValueError(f"need num_atoms >= 2 and v_max > v_min, got {self.num_atoms}, "
                              f"[{self.v_min}, {self.v_max}]")
-        if self.target_update_period < 1:
-            raise ValueError(f"target_update_period must be >= 1, got {self.target_update_period}")
+        for name in ("target_update_period", "head_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "adam_eps", "max_global_norm", "max_priority"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.noisy_sigma0 < 0:
+            raise ValueError(f"noisy_sigma0 must be >= 0, got {self.noisy_sigma0}")
+        make_encoder(self.torso, **dict(self.torso_kwargs))   # unknown options raise here
 
     @property
     def support(self) -> Array:
@@ -211,6 +230,6 @@ def update(state: RainbowState, batch, weights: Array, key: Array) -> tuple[Rain
                           state.target_params, params)
     priorities = jnp.clip(jax.lax.stop_gradient(per_sample), 0.0, config.max_priority)
     metrics = {"loss": loss, "per_sample_loss_mean": jnp.mean(per_sample),
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params)}
     return (state.replace(params=params, target_params=target, opt_state=opt_state, updates=count),
             metrics, priorities)

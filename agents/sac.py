@@ -31,7 +31,7 @@ import optax
 from flax import struct
 from flax.training.train_state import TrainState
 
-from flare_jax import augment
+from flare_jax import augment, loop
 from flare_jax.encoders import make_encoder
 from flare_jax.replay import Batch
 
@@ -39,44 +39,86 @@ Array = jax.Array
 _ORTHO = nn.initializers.orthogonal(1.0)
 
 
+PIXEL_ENCODERS = ("flare", "frame_stack", "pixel_flow", "latent_stack", "recurrent")
+STATE_ENCODERS = ("state_full", "state_position", "state_flare", "state_stack", "state_recurrent")
+
+
+def _f(default, help_: str, **extra):
+    return dataclasses.field(default=default, metadata=dict(help=help_, **extra))
+
+
 @dataclasses.dataclass(frozen=True)
 class SACConfig:
     """Hyperparameters; defaults are the reference's (Flare on RAD-SAC, pixels)."""
-    encoder: str = "flare"
-    encoder_kwargs: tuple[tuple[str, Any], ...] = ()   # e.g. (("feature_dim", 64),)
-    hidden_dim: int = 1024
-    critic_lr: float = 2e-4
-    actor_lr: float = 2e-4
-    alpha_lr: float = 1e-4
-    beta1: float = 0.9                 # Adam beta1 of actor and critic
-    alpha_beta1: float = 0.5
-    init_temperature: float = 0.1
-    encoder_tau: float = 0.05
-    critic_tau: float = 0.01
-    target_update_period: int = 2
-    actor_update_period: int = 2
-    log_std_min: float = -10.0
-    log_std_max: float = 2.0
-    target_entropy: Optional[float] = None     # None: -|A|
-    augmentation: str = "translate"            # translate | crop | none
-    image_size: int = 108                      # network input size for pixels
+    encoder: str = _f("flare", "encoder (flare_jax.encoders): pixels " + ", ".join(PIXEL_ENCODERS)
+                      + "; states " + ", ".join(STATE_ENCODERS),
+                      choices=PIXEL_ENCODERS + STATE_ENCODERS)
+    num_frames: Optional[int] = _f(None, "frames per observation (default: the encoder's)")
+    feature_dim: Optional[int] = _f(None, "encoder feature size (default: the encoder's, 64 for pixels)")
+    encoder_kwargs: tuple[tuple[str, Any], ...] = _f(
+        (), "other encoder options, key=value items (e.g. conv_impl=plain)")
+    hidden_dim: int = _f(1024, "MLP width of the Q and policy networks")
+    critic_lr: float = _f(2e-4, "critic Adam learning rate")
+    actor_lr: float = _f(2e-4, "actor Adam learning rate")
+    alpha_lr: float = _f(1e-4, "temperature Adam learning rate")
+    beta1: float = _f(0.9, "Adam beta1 of actor and critic")
+    alpha_beta1: float = _f(0.5, "Adam beta1 of the temperature")
+    init_temperature: float = _f(0.1, "initial SAC temperature")
+    encoder_tau: float = _f(0.05, "target EMA rate of the encoder (trunk and head)")
+    critic_tau: float = _f(0.01, "target EMA rate of the Q heads")
+    target_update_period: int = _f(2, "critic updates between target EMA steps")
+    actor_update_period: int = _f(2, "critic updates between actor and temperature updates")
+    log_std_min: float = _f(-10.0, "policy log-std lower bound")
+    log_std_max: float = _f(2.0, "policy log-std upper bound")
+    target_entropy: Optional[float] = _f(None, "target entropy (default: -|A|)")
+    augmentation: str = _f("translate", "pixel augmentation", choices=augment.AUGMENTATIONS)
+    image_size: int = _f(108, "rendered frame and network input size in pixels (frames are "
+                              "stored as their 100 px centre)")
     # Per-frame encoders (flare, latent_stack, recurrent): encode the T-1 frames that obs and
     # next_obs share once. Requires next_obs[:, :-1] == obs[:, 1:], which holds for the replay's
     # 1-step batches (augmented or not); `frame_overlap_violations` in the metrics counts misses.
-    share_frames: bool = True
+    share_frames: bool = _f(True, "per-frame encoders: encode the frames obs and next_obs share once")
 
     def __post_init__(self):
         if isinstance(self.encoder_kwargs, Mapping):
             object.__setattr__(self, "encoder_kwargs", tuple(sorted(self.encoder_kwargs.items())))
+        if self.encoder not in PIXEL_ENCODERS + STATE_ENCODERS:
+            raise ValueError(f"unknown encoder {self.encoder!r}; valid encoders: "
+                             f"{', '.join(PIXEL_ENCODERS + STATE_ENCODERS)}")
         if self.augmentation not in augment.AUGMENTATIONS:
-            raise ValueError(f"augmentation must be one of {augment.AUGMENTATIONS}, "
+            raise ValueError(f"augmentation must be one of {', '.join(augment.AUGMENTATIONS)}, "
                              f"got {self.augmentation!r}")
-        for name in ("target_update_period", "actor_update_period", "hidden_dim"):
+        for name in ("target_update_period", "actor_update_period", "hidden_dim", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("critic_lr", "actor_lr", "alpha_lr", "init_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("encoder_tau", "critic_tau"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must lie in (0, 1], got {getattr(self, name)}")
+        for name in ("beta1", "alpha_beta1"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        if self.log_std_min >= self.log_std_max:
+            raise ValueError(f"log_std_min ({self.log_std_min}) must be < log_std_max ({self.log_std_max})")
+        for name in ("num_frames", "feature_dim"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        enc = self.make_encoder()       # unknown encoder names and options raise here
+        min_frames = getattr(enc, "min_frames", 1)
+        if getattr(enc, "num_frames", 1) < min_frames:
+            raise ValueError(f"encoder {self.encoder!r} needs num_frames >= {min_frames}, "
+                             f"got {enc.num_frames}")
+
+    def encoder_options(self) -> dict:
+        opts = dict(self.encoder_kwargs)
+        opts.update({k: getattr(self, k) for k in ("num_frames", "feature_dim")
+                     if getattr(self, k) is not None})
+        return opts
 
     def make_encoder(self) -> nn.Module:
-        return make_encoder(self.encoder, **dict(self.encoder_kwargs))
+        return make_encoder(self.encoder, **self.encoder_options())
 
 
 class TwinQ(nn.Module):
@@ -206,14 +248,11 @@ def _sample_action(mean: Array, log_std: Array, key: Array) -> tuple[Array, Arra
 def init_seeds(keys: Array, obs_spec, action_spec, config: SACConfig = SACConfig()) -> SACState:
     """`init` for S seeds: keys [S, 2] -> an SACState whose leaves have a leading seed axis S.
 
-    Equal to `jax.vmap(init)` (the same keys give the same parameters), but runs one seed at a
-    time: the orthogonal initialiser's QR over a seed batch runs LAPACK's batch-parallel kernel
-    on XLA's CPU thread pool, which deadlocked in most process starts on the 2-core dev machine
-    (jaxlib 0.10.2: every worker idle, the kernel waiting on its own sub-tasks).
+    Equal to `jax.vmap(init)` (the same keys give the same parameters), but one seed at a time
+    (`flare_jax.loop.init_seeds`): the orthogonal initialiser's QR over a seed batch deadlocked
+    XLA's CPU thread pool (jaxlib 0.10.2).
     """
-    one = jax.jit(lambda k: init(k, obs_spec, action_spec, config))
-    states = [jax.block_until_ready(one(k)) for k in keys]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    return loop.init_seeds(lambda k: init(k, obs_spec, action_spec, config), keys)
 
 
 def act(state: SACState, obs: Array, key: Array, deterministic: bool = False) -> Array:
@@ -293,7 +332,8 @@ def update(state: SACState, batch: Batch, key: Array,
 
     (critic_loss, (q, y)), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(state.critic.params)
     critic = state.critic.apply_gradients(grads=grads)
-    metrics = {"critic_loss": critic_loss, "q_mean": jnp.mean(q), "target_q": jnp.mean(y)}
+    metrics = {"critic_loss": critic_loss, "critic_grad_norm": optax.global_norm(grads),
+               "q_mean": jnp.mean(q), "target_q": jnp.mean(y)}
     if share:
         metrics["frame_overlap_violations"] = jnp.sum(
             jnp.any((batch.obs[:, 1:] != batch.next_obs[:, :-1]).reshape(batch.obs.shape[0], -1), 1))
@@ -319,13 +359,14 @@ def update(state: SACState, batch: Batch, key: Array,
         alpha_loss_fn = lambda p: jnp.mean(jnp.exp(p["log_alpha"]) * neg_entropy_gap)  # noqa: E731
         alpha_loss, alpha_grad = jax.value_and_grad(alpha_loss_fn)(alpha_state.params)
         alpha_state = alpha_state.apply_gradients(grads=alpha_grad)
-        return actor, alpha_state, {"actor_loss": actor_loss, "alpha_loss": alpha_loss,
-                                    "entropy": -jnp.mean(log_prob)}
+        return actor, alpha_state, {"actor_loss": actor_loss, "actor_grad_norm": optax.global_norm(actor_grads),
+                                    "alpha_loss": alpha_loss, "entropy": -jnp.mean(log_prob)}
 
     def skip(args):
         actor, alpha_state = args
         zero = jnp.zeros((), jnp.float32)
-        return actor, alpha_state, {"actor_loss": zero, "alpha_loss": zero, "entropy": zero}
+        return actor, alpha_state, {"actor_loss": zero, "actor_grad_norm": zero, "alpha_loss": zero,
+                                    "entropy": zero}
 
     do_actor = count % config.actor_update_period == 0
     actor, alpha_state, actor_metrics = jax.lax.cond(do_actor, actor_and_alpha, skip,
@@ -344,6 +385,7 @@ def update(state: SACState, batch: Batch, key: Array,
     target = jax.lax.cond(do_target, soft, lambda t: t, state.target)
     new_state = state.replace(critic=critic, target=target, actor=actor, alpha=alpha_state,
                               updates=state.updates + 1)
+    metrics["param_norm"] = optax.global_norm((critic.params, actor.params, alpha_state.params))
     return new_state, metrics
 
 

@@ -8,6 +8,9 @@
               env stepping, acting, replay and updates.
   peak        this machine's float32 matmul throughput (the best of a few large square matmuls): the
               compute ceiling that `seeds` and `rainbow` hold their targets against.
+  checkpoint  whole-state checkpoints of the two large replays (100k pixel SAC transitions, 3 GB;
+              1M Atari Rainbow frames with PER, 7 GB): size on disk, save and restore seconds, and
+              the extra host memory (anonymous RSS) a save and a restore take.
   sac_update  one pixel SAC update (replay sampling + augmentation + update) at the reference
               settings (--encoder=flare|frame_stack|both), and full-state SAC updates per
               second (256x256 and 1024x1024 MLPs), fused (lax.scan) and unfused.
@@ -27,7 +30,6 @@ import time
 
 from absl import app, flags
 
-import flare_jax  # noqa: F401  (XLA CPU settings before JAX starts)
 from flare_jax import xla_cpu
 
 import jax
@@ -200,22 +202,16 @@ def _filled_replay(config, key, episode_len=125):
         cursor=jnp.zeros((), jnp.int32), count=jnp.array(s, jnp.int32))
 
 
-def _sac_update_fn(sac_config, replay_config, batch_size, n_fused):
-    """jit(n x (sample + update)) with the agent state donated."""
-    from agents import sac  # pylint: disable=g-import-not-at-top
-    from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
+def _sac_update_fn(replay_config, batch_size, n_fused):
+    """jit(n x (sample + update)) with the agent state donated: the run loop's `learn`."""
+    from agents import sac_train  # pylint: disable=g-import-not-at-top
 
-    def one(agent, replay_state, key):
-        k1, k2 = jax.random.split(key)
-        batch = rp.sample(replay_config, replay_state, k1, batch_size)
-        return sac.update(agent, batch, k2)
+    def fn(agent, replay_state, key):
+        agent, _, metrics = sac_train.learn(replay_config, batch_size, agent, replay_state, key,
+                                            n_fused, agent.updates)
+        return agent, metrics
 
-    def many(agent, replay_state, key):
-        def body(a, k):
-            return one(a, replay_state, k)
-        return jax.lax.scan(body, agent, jax.random.split(key, n_fused))
-
-    return jax.jit(one if n_fused == 1 else many, donate_argnums=0)
+    return jax.jit(fn, donate_argnums=0)
 
 
 # reference.md section 5: the authors' code on this machine class, per update (s)
@@ -234,16 +230,15 @@ def sac_update():
     print(f"sac_update: batch {FLAGS.batch}, {FLAGS.size}px (stored 100px, translate), "
           f"T={FLAGS.frames}, hidden 1024, feature 64, {action_dim}-dim actions, replay of 10k "
           f"transitions; median of {FLAGS.repeats}, backend {jax.default_backend()}, "
-          f"fast CPU conv {'on' if flare_jax.FAST_CPU_CONV else 'off'}")
+          f"fast CPU conv {'on' if xla_cpu.is_configured() else 'off'}")
     for name in encoders:
-        cfg = sac.SACConfig(encoder=name, encoder_kwargs=(("num_frames", FLAGS.frames),),
-                            image_size=FLAGS.size)
+        cfg = sac.SACConfig(encoder=name, num_frames=FLAGS.frames, image_size=FLAGS.size)
         rcfg = rp.ReplayConfig(capacity=10_000, frame_shape=(100, 100, 3), action_shape=(action_dim,),
                                stack=FLAGS.frames)
         replay_state = _filled_replay(rcfg, key)
         agent = sac.init(key, jax.ShapeDtypeStruct((FLAGS.frames, 100, 100, 3), jnp.uint8),
                          jax.ShapeDtypeStruct((action_dim,), jnp.float32), cfg)
-        fn = _sac_update_fn(cfg, rcfg, FLAGS.batch, 1)
+        fn = _sac_update_fn(rcfg, FLAGS.batch, 1)
         for i in range(4):                                # compile + warm the allocator
             agent, _ = fn(agent, replay_state, jax.random.fold_in(key, 100 + i))
         jax.block_until_ready(agent)
@@ -280,7 +275,7 @@ def _state_sac_updates(key):
         for n in (1, FLAGS.fused):
             agent = sac.init(key, jax.ShapeDtypeStruct((1, obs_dim), jnp.float32),
                              jax.ShapeDtypeStruct((action_dim,), jnp.float32), cfg)
-            fn = _sac_update_fn(cfg, rcfg, batch, n)
+            fn = _sac_update_fn(rcfg, batch, n)
             agent, _ = fn(agent, replay_state, key)
             calls = max(3, 400 // n)
             times = []
@@ -311,9 +306,10 @@ def seeds():
     rcfg = rp.ReplayConfig(capacity=100_000, frame_shape=(obs_dim,), action_shape=(action_dim,),
                            stack=1, frame_dtype=jnp.float32)
 
-    def one(agent, replay_state, key, count):
-        k1, k2 = jax.random.split(key)
-        return sac.update(agent, rp.sample(rcfg, replay_state, k1, batch), k2, count=count)[0]
+    from agents import sac_train  # pylint: disable=g-import-not-at-top
+
+    def one(agent, replay_state, key, count):     # the run loop's learn, for one update
+        return sac_train.learn(rcfg, batch, agent, replay_state, key, 1, count)[0]
 
     fn = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None)), donate_argnums=0)
     print(f"seeds: full-state SAC update (obs {obs_dim}, {action_dim}-dim actions, {FLAGS.hidden}x"
@@ -430,28 +426,32 @@ def rainbow():
     _emit(dict(bench="per", capacity=FLAGS.per_capacity, sample_ms=t_sample * 1e3, update_ms=t_prio * 1e3))
     del state, b
 
-    # end to end on Pong with the reference learn period (16 frames per update)
+    # end to end on Pong with the reference learn period (16 frames per update), the run loop
+    from flare_jax import loop  # pylint: disable=g-import-not-at-top
+    from flare_jax.loop import RunConfig  # pylint: disable=g-import-not-at-top
     env_cfg = rainbow_train.RainbowTrainConfig(
-        env="pong", seed=0, num_envs=FLAGS.rainbow_envs, train_frames=FLAGS.e2e_frames,
+        game="pong", num_envs=FLAGS.rainbow_envs, frames=FLAGS.e2e_frames,
         eval_every_frames=10**9, eval_frames=4 * FLAGS.rainbow_envs, eval_envs=1,
-        replay_capacity=100_000, min_replay=1_000, out_dir=None, tensorboard=False)
-    warm = dataclasses.replace(env_cfg, train_frames=8_000)
-    rainbow_train.train(warm, log=None)                                 # compile caches warm
-    res = rainbow_train.train(env_cfg, log=None)
-    fps_e2e = res["frames"] / res["seconds"]
+        replay_capacity=100_000, min_replay=1_000, run=RunConfig(tensorboard=False))
+    warm = dataclasses.replace(env_cfg, frames=8_000)
+    loop.run(rainbow_train.RainbowTrainer, warm, log=None)              # compile caches warm
+    res = loop.run(rainbow_train.RainbowTrainer, env_cfg, log=None)
+    frames_done = res.counters.iteration * 4 * FLAGS.rainbow_envs
+    fps_e2e = frames_done / res.seconds
     # component costs per iteration of the loop (num_envs agent steps)
     from flare_jax.envs.atari import AtariEnv  # pylint: disable=g-import-not-at-top
     env = AtariEnv("pong", num_envs=FLAGS.rainbow_envs, seed=0)
-    env.reset()
+    ts = env.reset()
     acts = np.zeros(FLAGS.rainbow_envs, np.int32)
     t = time.perf_counter()
     for _ in range(200):
         ts = env.step(acts)
     t_env = (time.perf_counter() - t) / 200
-    runner = rainbow_train.RainbowRunner(env_cfg, env.frame_shape, env.frame_dtype, env.num_actions)
-    carry = runner.init(key, ts.frame)
-    t_act = _median_call_s(runner.act_eval, carry.agent, carry.stack, key, 0.0, calls=50,
-                           repeats=FLAGS.repeats)
+    agent = rb.init(key, jax.ShapeDtypeStruct((4, 84, 84, 1), jnp.uint8), env.num_actions,
+                    rb.RainbowConfig())
+    stack = jnp.zeros((FLAGS.rainbow_envs, 4, 84, 84, 1), jnp.uint8)
+    act = jax.jit(lambda a, st, k: rb.act(a, st, k, 0.0))
+    t_act = _median_call_s(act, agent, stack, key, calls=50, repeats=FLAGS.repeats)
     env.close()
     frames_per_iter = 4 * FLAGS.rainbow_envs
     t_update = update_ms["atari_flare"] / 1e3 * frames_per_iter / 16
@@ -460,8 +460,8 @@ def rainbow():
              "updates": t_update}
     total = sum(parts.values())
     print(f"  end to end, Pong, Flare torso, {FLAGS.rainbow_envs} envs, 1 update per 16 frames: "
-          f"{fps_e2e:,.0f} training frames/s over {res['frames']:,d} frames "
-          f"({res['updates']:,d} updates)")
+          f"{fps_e2e:,.0f} training frames/s over {frames_done:,d} frames "
+          f"({res.counters.updates:,d} updates)")
     print("  time shares per loop iteration (" + f"{frames_per_iter} frames; components timed "
           "separately): " + ", ".join(f"{k} {v * 1e3:.1f} ms ({100 * v / total:.0f}%)" for k, v in parts.items()))
     print(f"  -> components alone would allow {frames_per_iter / total:,.0f} frames/s")
@@ -477,6 +477,111 @@ def rainbow():
     _emit(dict(bench="rainbow_e2e", frames_per_s=fps_e2e, **{k: v for k, v in parts.items()}))
 
 
+flags.DEFINE_list("checkpoint_cases", ["sac_pixels_100k", "rainbow_atari_1m"],
+                  "checkpoint: which replays (sac_pixels_100k, rainbow_atari_1m)")
+flags.DEFINE_string("checkpoint_dir", None, "checkpoint: where to write (default: a temporary "
+                    "directory next to runs/)")
+
+
+def _anon_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class _PeakMemory:
+    """The peak anonymous RSS (host RAM of this process, page cache excluded) while in the block."""
+
+    def __enter__(self):
+        import threading  # pylint: disable=g-import-not-at-top
+        self.base = self.peak = _anon_rss()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.005):
+                self.peak = max(self.peak, _anon_rss())
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _anon_rss())
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.base
+
+
+def _checkpoint_case(name):
+    """(trainer class, config, env spec) of a benchmark replay, one seed."""
+    from agents import rainbow_train, sac_train  # pylint: disable=g-import-not-at-top
+    from flare_jax.loop import EnvSpec  # pylint: disable=g-import-not-at-top
+    if name == "sac_pixels_100k":
+        return (sac_train.SACTrainer, sac_train.TrainConfig(task="walker_run", replay_capacity=100_000),
+                EnvSpec((108, 108, 3), "uint8", (6,), "float32"))
+    if name == "rainbow_atari_1m":
+        return (rainbow_train.RainbowTrainer, rainbow_train.RainbowTrainConfig(game="pong"),
+                EnvSpec((84, 84), "uint8", (), "int32", 6))
+    raise app.UsageError(f"unknown checkpoint case {name!r}; valid: sac_pixels_100k, rainbow_atari_1m")
+
+
+@benchmark
+def checkpoint():
+    """Save and restore the whole state of a run with a full replay (frames not all zero)."""
+    import shutil  # pylint: disable=g-import-not-at-top
+    import tempfile  # pylint: disable=g-import-not-at-top
+    from flare_jax import checkpoint as ck  # pylint: disable=g-import-not-at-top
+    from flare_jax import loop  # pylint: disable=g-import-not-at-top
+    from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
+    print(f"checkpoint: backend {jax.default_backend()}, slabs of {ck.CHUNK_BYTES >> 20} MiB; one "
+          "seed; extra host RAM = peak anonymous RSS during the call minus before it")
+    for name in FLAGS.checkpoint_cases:
+        cls, cfg, spec = _checkpoint_case(name)
+        trainer = cls(cfg, spec)
+        keys = loop.seed_keys((0,))
+        need = ck.tree_nbytes(loop.checkpoint_tree(loop.carry_template(trainer, keys), True))
+        rp.check_memory(2 * need, f"{name}: the state and its restored copy")
+        carry = loop.init_carry(trainer, keys)
+        # a full replay: every slot written, frames a byte pattern (not a lazily zeroed page)
+        fill = jax.jit(lambda f: (jax.lax.broadcasted_iota(jnp.uint8, f.shape, f.ndim - 2)
+                                  * jnp.uint8(7) + jax.lax.broadcasted_iota(jnp.uint8, f.shape, 1)),
+                       donate_argnums=0)
+        replay = carry.replay
+        inner = replay.replay if hasattr(replay, "replay") else replay
+        inner = inner.replace(frames=fill(inner.frames), count=jnp.full_like(inner.count, inner.frames.shape[2]))
+        carry = carry.replace(replay=replay.replace(replay=inner) if hasattr(replay, "replay") else inner)
+        tree = loop.checkpoint_tree(jax.block_until_ready(carry), True)
+        root = FLAGS.checkpoint_dir or tempfile.mkdtemp(prefix="flare_jax_bench_ckpt_", dir=".")
+        try:
+            checkpointer = ck.Checkpointer(os.path.join(root, name), keep=1)
+            with _PeakMemory() as save_mem:
+                rep = checkpointer.save(1, tree, {"bench": name})
+            disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(rep.path) for f in fs)
+            template = jax.eval_shape(lambda: tree)
+            del tree, carry, replay, inner
+            t0 = time.perf_counter()
+            with _PeakMemory() as restore_mem:
+                _, restored, _ = checkpointer.restore(template)
+                jax.block_until_ready(restored)
+            t_restore = time.perf_counter() - t0
+            del restored
+        finally:
+            if FLAGS.checkpoint_dir is None:
+                shutil.rmtree(root, ignore_errors=True)
+        _emit(dict(bench="checkpoint", case=name, state_bytes=rep.nbytes, disk_bytes=disk,
+                   save_s=rep.seconds, restore_s=t_restore, save_extra_rss=save_mem.extra,
+                   restore_extra_rss=restore_mem.extra))
+        print(f"  {name}: state {rep.nbytes / 2**30:.2f} GiB, on disk {disk / 2**30:.2f} GiB; save "
+              f"{rep.seconds:.1f} s ({rep.nbytes / 2**30 / rep.seconds:.2f} GiB/s, checksums "
+              f"included), extra host RAM {save_mem.extra / 2**20:,.0f} MiB; restore {t_restore:.1f} s, "
+              f"extra host RAM {restore_mem.extra / 2**30:.2f} GiB (the restored state itself: "
+              f"{rep.nbytes / 2**30:.2f} GiB)", flush=True)
+
+
 def main(argv):
     names = argv[1:]
     if len(names) != 1 or names[0] not in BENCHMARKS:
@@ -486,6 +591,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from flare_jax.runtime import reexec_with_tcmalloc
-    reexec_with_tcmalloc("experiments.bench")
+    from flare_jax.runtime import setup_process
+    setup_process(reexec="experiments.bench")
     app.run(main)

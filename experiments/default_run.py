@@ -8,11 +8,10 @@ interrupted).
 """
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
-import flare_jax  # noqa: F401  (XLA CPU settings before JAX starts)
-
-from experiments import state_study
+from experiments import cli, state_study
+from flare_jax import runtime
 
 DEFAULTS = dict(tasks=["cartpole_swingup", "ball_in_cup_catch"],
                 variants=["state_full", "state_position", "state_flare"],
@@ -32,6 +31,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from flare_jax.runtime import reexec_with_tcmalloc
-    reexec_with_tcmalloc("experiments.default_run")
-    app.run(main)
+    runtime.setup_process(reexec="experiments.default_run")
+    cli.run_main(main)

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 
-from absl import app, flags
+from absl import flags
 
 import numpy as np
 
@@ -30,10 +30,24 @@ def _define_flags():
 
 
 def read_eval(path: str) -> tuple[np.ndarray, np.ndarray]:
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    return (np.array([int(r["step"]) for r in rows]),
-            np.array([float(r["return_mean"]) for r in rows]))
+    """(steps, mean returns) of an eval.csv; ValueError (one line) naming a malformed row."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"step", "return_mean"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: not an eval log (needs the columns step and return_mean, "
+                             f"has {reader.fieldnames})")
+        steps, returns = [], []
+        for row in reader:
+            try:
+                steps.append(int(row["step"]))
+                returns.append(float(row["return_mean"]))
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}, line {reader.line_num}: bad row {row}") from None
+    if not steps:
+        raise ValueError(f"{path}: no evaluation rows")
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"{path}: steps are not increasing ({steps})")
+    return np.array(steps), np.array(returns)
 
 
 def load_runs(run_dir: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -42,7 +56,8 @@ def load_runs(run_dir: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         seed = int(re.search(r"seed_(\d+)", path).group(1))
         runs[seed] = read_eval(path)
     if not runs:
-        raise FileNotFoundError(f"no seed_*/eval.csv under {run_dir}")
+        what = "does not exist" if not os.path.isdir(run_dir) else "holds no seed_*/eval.csv"
+        raise FileNotFoundError(f"run directory {run_dir} {what}")
     return runs
 
 
@@ -99,10 +114,14 @@ def write_report(run_dir: str, out: str, title: str = "") -> str:
 def main(argv):
     del argv
     if not FLAGS.run_dir or not FLAGS.out:
-        raise app.UsageError("--run_dir and --out are required")
-    print(write_report(FLAGS.run_dir, FLAGS.out, FLAGS.title))
+        raise ValueError("--run_dir and --out are required")
+    try:
+        print(write_report(FLAGS.run_dir, FLAGS.out, FLAGS.title))
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from None
 
 
 if __name__ == "__main__":
+    from experiments import cli  # pylint: disable=g-import-not-at-top
     _define_flags()
-    app.run(main)
+    cli.run_main(main)

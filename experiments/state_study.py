@@ -12,10 +12,14 @@ Variants (flare_jax.encoders.state; reference.md section 3):
   state_stack      (s_t, s_{t-1}, s_{t-2}, s_{t-3})
   state_recurrent  LSTM over s_{t-3..t} (hidden = size of the offsets), trained by the critic
 
-All seeds of a (task, variant) run in one process, vmapped (agents/sac_train.py). Writes
-<out_dir>/<task>/<variant>/seed_<s>/eval.csv, <out_dir>/curves.png (one panel per task, mean +-
-standard error over seeds, env steps on x), <out_dir>/final_returns.md and summary.csv. A finished
-(task, variant) is not run again, so an interrupted study resumes where it stopped.
+All seeds of a (task, variant) run in one child process, vmapped (agents/sac_train.py, through
+the run loop). Writes <out_dir>/<task>/<variant>/seed_<s>/eval.csv (and each run's checkpoints),
+<out_dir>/curves.png (one panel per task, mean +- standard error over seeds, env steps on x),
+<out_dir>/final_returns.md and summary.csv. A finished (task, variant) is not run again and an
+unfinished one resumes from its newest checkpoint, so an interrupted study continues where it
+stopped. The flags are checked (every run's config built) before any run starts; the children
+end with the study (SIGTERM when it dies, however it dies), and `out_dir` is locked while a
+study runs in it.
 """
 from __future__ import annotations
 
@@ -27,15 +31,14 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
-
-import flare_jax  # noqa: F401  (XLA CPU settings before JAX starts)
+from absl import flags
 
 import numpy as np
 
-from agents import sac, sac_train
-from experiments import presets
+from agents import sac_train
+from experiments import cli, presets
 from experiments.report import load_runs, mean_and_se
+from flare_jax import config_flags, loop, runtime
 from flare_jax.envs import dmc_tasks
 from flare_jax.logging import write_command
 
@@ -62,33 +65,28 @@ flags.DEFINE_bool("summarise_only", False, "only write the plot and tables of wh
 
 def study_config(task: str, variant: str, seeds, env_steps: int, evals: int, eval_episodes: int,
                  out_dir: str) -> sac_train.TrainConfig:
-    """The state preset of experiments.presets for one (task, variant)."""
+    """The state preset of experiments.presets for one (task, variant); raises ValueError (one
+    line) for a bad task, variant or size."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
-    p = presets.get_preset("state")
+    if env_steps < 1:
+        raise ValueError(f"env_steps must be >= 1, got {env_steps}")
     repeat = dmc_tasks.get_task(task).action_repeat
     agent_steps = -(-env_steps // repeat)
-    sac_fields = {f.name for f in dataclasses.fields(sac.SACConfig)}
-    sac_cfg = sac.SACConfig(encoder=variant, **{k: v for k, v in p.items()
-                                                 if k in sac_fields and k != "encoder"})
-    return sac_train.TrainConfig(
-        task=task, pixels=False, seeds=tuple(int(s) for s in seeds), env_steps=env_steps,
-        batch_size=p["batch_size"], replay_capacity=p["replay_capacity"],
-        init_steps=min(p["init_steps"], agent_steps // 10), eval_every=max(1, agent_steps // evals),
-        eval_episodes=eval_episodes, sac=sac_cfg, out_dir=out_dir, tensorboard=False,
-        stall_seconds=90.0)
+    if evals < 1 or agent_steps < evals:
+        raise ValueError(f"evals must lie in [1, {agent_steps}] (agent steps of a run), got {evals}")
+    p = presets.SAC_PRESETS["state"]
+    return config_flags.replace(
+        p, task=task, encoder=variant, seeds=tuple(int(s) for s in seeds), env_steps=env_steps,
+        init_steps=min(p.init_steps, agent_steps // 10), eval_every=max(1, agent_steps // evals),
+        eval_episodes=eval_episodes, out_dir=out_dir, tensorboard=False, stall_seconds=90.0)
 
 
-def finished(run_dir: str, seeds, env_steps: int) -> bool:
-    for s in seeds:
-        path = os.path.join(run_dir, f"seed_{s}", "eval.csv")
-        if not os.path.exists(path) or not os.path.exists(os.path.join(run_dir, f"seed_{s}", "params_final.msgpack")):
-            return False
-        with open(path) as f:
-            rows = list(csv.DictReader(f))
-        if not rows or int(rows[-1]["step"]) < env_steps:
-            return False
-    return True
+def finished(config: sac_train.TrainConfig) -> bool:
+    """The run of `config` reached its budget (its newest checkpoint says so)."""
+    status = loop.run_status(config.run.out_dir)
+    return bool(status and status.get("finished")) and all(
+        os.path.exists(os.path.join(config.run.out_dir, f"seed_{s}", "eval.csv")) for s in config.run.seeds)
 
 
 _CHILD_ENV = "FLARE_JAX_STUDY_CHILD"
@@ -102,54 +100,57 @@ def _run_child(task, variant, seeds, env_steps, evals, eval_episodes, out_dir, l
                attempts: int = 3):
     """Runs one (task, variant) in a child process, again if it dies.
 
-    A run that stalls (the start-of-run deadlock fixed in agents.sac.init_seeds was the one seen)
-    is ended by its StallWatchdog (90 s without a step) and starts again from scratch with the same
-    seeds, so its result is what an uninterrupted run gives.
+    The child gets SIGTERM when this process dies (`runtime.die_with_parent`), so it saves and
+    stops. A child that stalls is ended by its StallWatchdog (90 s without a step) and started
+    again: it resumes from its newest checkpoint.
     """
     args = [sys.executable, "-m", "experiments.state_study", "--in_process",
             f"--tasks={task}", f"--variants={variant}", f"--seeds={','.join(map(str, seeds))}",
             f"--env_steps={env_steps}", f"--evals={evals}", f"--eval_episodes={eval_episodes}",
             f"--out_dir={out_dir}"]
     for attempt in range(1, attempts + 1):
-        proc = subprocess.Popen(args, env=dict(os.environ, **{_CHILD_ENV: "1"}))
+        proc = subprocess.Popen(args, env=dict(os.environ, **{_CHILD_ENV: "1"}),
+                                preexec_fn=runtime.die_with_parent)
         try:
             code = proc.wait()
         except BaseException:  # Ctrl-C or SIGTERM of this process: stop the child too
             proc.terminate()
             try:
-                proc.wait(timeout=60)
+                proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 proc.kill()
             raise
         if code == 0:
             return
-        if code < 0 and -code in (signal.SIGINT, signal.SIGTERM):
+        if code == 2:      # refused its input: running it again cannot help
+            raise ValueError(f"{task} {variant}: the run refused its settings (see above)")
+        if (code < 0 and -code in (signal.SIGINT, signal.SIGTERM)) or code in (130, 143):
             raise KeyboardInterrupt
+        if code == loop.EXIT_DIVERGED:
+            raise RuntimeError(f"{task} {variant} diverged (see above)")
         log(f"[study] {task} {variant}: the run process exited with status {code} "
             f"(attempt {attempt} of {attempts})")
     raise RuntimeError(f"{task} {variant} failed {attempts} times; see the output above")
 
 
-def run_study(tasks, variants, seeds, env_steps, evals, eval_episodes, out_dir, log=print,
-              in_process: bool = True):
-    """Runs every (task, variant) not finished yet, in this process or in child processes."""
-    total = len(tasks) * len(variants)
+def run_study(configs, log=print, in_process: bool = True, sizes=None):
+    """Runs every config not finished yet, in this process or in child processes."""
+    total = len(configs)
     t0 = time.time()
-    for i, task in enumerate(tasks):
-        for j, variant in enumerate(variants):
-            run_dir = os.path.join(out_dir, task, variant)
-            n = i * len(variants) + j + 1
-            if finished(run_dir, seeds, env_steps):
-                log(f"[study] {n}/{total} {task} {variant}: already done, skipped")
-                continue
-            log(f"[study] {n}/{total} {task} {variant} ({len(seeds)} seeds vmapped), "
-                f"{(time.time() - t0) / 60:.1f} min so far")
-            if in_process:
-                cfg = study_config(task, variant, seeds, env_steps, evals, eval_episodes, run_dir)
-                if sac_train.train(cfg, log=log)["interrupted"]:
-                    raise KeyboardInterrupt
-            else:
-                _run_child(task, variant, seeds, env_steps, evals, eval_episodes, out_dir, log)
+    for n, cfg in enumerate(configs, 1):
+        task, variant = cfg.task, cfg.sac.encoder
+        if finished(cfg):
+            log(f"[study] {n}/{total} {task} {variant}: already done, skipped")
+            continue
+        log(f"[study] {n}/{total} {task} {variant} ({len(cfg.run.seeds)} seeds vmapped), "
+            f"{(time.time() - t0) / 60:.1f} min so far")
+        if in_process:
+            result = sac_train.train(cfg, log=log)
+            if result.status != loop.FINISHED:
+                log(result.message)
+                sys.exit(result.exit_code)
+        else:
+            _run_child(task, variant, cfg.run.seeds, *sizes, log)
     log(f"[study] all runs done in {(time.time() - t0) / 60:.1f} min")
 
 
@@ -226,45 +227,39 @@ def summarise(tasks, variants, out_dir, title="") -> tuple[str, str]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    for t in FLAGS.tasks:
-        try:
-            dmc_tasks.get_task(t)
-        except ValueError as err:
-            raise app.UsageError(str(err)) from err
-    for v in FLAGS.variants:
-        if v not in VARIANTS:
-            raise app.UsageError(f"unknown variant {v!r}; valid variants: {', '.join(VARIANTS)}")
+    del argv
+    # every run's config first: bad flags are refused before anything starts
+    configs = [study_config(task, variant, FLAGS.seeds, FLAGS.env_steps, FLAGS.evals,
+                            FLAGS.eval_episodes, os.path.join(FLAGS.out_dir, task, variant))
+               for task in FLAGS.tasks for variant in FLAGS.variants]
+    sizes = (FLAGS.env_steps, FLAGS.evals, FLAGS.eval_episodes, FLAGS.out_dir)
     if FLAGS.in_process and os.environ.get(_CHILD_ENV) == "1":
         # a child of run_study: train one (task, variant), the parent reports
-        run_study(FLAGS.tasks, FLAGS.variants, FLAGS.seeds, FLAGS.env_steps, FLAGS.evals,
-                  FLAGS.eval_episodes, FLAGS.out_dir)
+        run_study(configs)
         return
-    # the effective study flags, so the command reproduces the run whatever the entry point
-    # (make run starts experiments.default_run, whose defaults differ)
-    run_flags = [] if FLAGS.summarise_only else [
-        f"--seeds={','.join(FLAGS.seeds)}", f"--env_steps={FLAGS.env_steps}",
-        f"--evals={FLAGS.evals}", f"--eval_episodes={FLAGS.eval_episodes}"]
-    write_command(FLAGS.out_dir, "experiments.state_study", [
-        f"--tasks={','.join(FLAGS.tasks)}", f"--variants={','.join(FLAGS.variants)}", *run_flags,
-        f"--out_dir={FLAGS.out_dir}"] + (["--summarise_only"] if FLAGS.summarise_only else []),
-        append=True)
-    t0 = time.time()
-    print(f"[study] tasks {FLAGS.tasks}, variants {FLAGS.variants}, seeds {FLAGS.seeds}, "
-          f"{FLAGS.env_steps:,d} env steps per run -> {FLAGS.out_dir}", flush=True)
-    if not FLAGS.summarise_only:
-        if not FLAGS.in_process:  # SIGTERM ends the children too (see _run_child)
-            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-        run_study(FLAGS.tasks, FLAGS.variants, FLAGS.seeds, FLAGS.env_steps, FLAGS.evals,
-                  FLAGS.eval_episodes, FLAGS.out_dir, in_process=FLAGS.in_process)
-    table, png = summarise(FLAGS.tasks, FLAGS.variants, FLAGS.out_dir, FLAGS.title)
+    with runtime.RunDirLock(FLAGS.out_dir):
+        # the effective study flags, so the command reproduces the run whatever the entry point
+        # (make run starts experiments.default_run, whose defaults differ)
+        run_flags = [] if FLAGS.summarise_only else [
+            f"--seeds={','.join(FLAGS.seeds)}", f"--env_steps={FLAGS.env_steps}",
+            f"--evals={FLAGS.evals}", f"--eval_episodes={FLAGS.eval_episodes}"]
+        write_command(FLAGS.out_dir, "experiments.state_study", [
+            f"--tasks={','.join(FLAGS.tasks)}", f"--variants={','.join(FLAGS.variants)}", *run_flags,
+            f"--out_dir={FLAGS.out_dir}"] + (["--summarise_only"] if FLAGS.summarise_only else []),
+            append=True)
+        t0 = time.time()
+        print(f"[study] tasks {FLAGS.tasks}, variants {FLAGS.variants}, seeds {FLAGS.seeds}, "
+              f"{FLAGS.env_steps:,d} env steps per run -> {FLAGS.out_dir}", flush=True)
+        if not FLAGS.summarise_only:
+            if not FLAGS.in_process:  # SIGTERM ends the children too (see _run_child)
+                signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+            run_study(configs, in_process=FLAGS.in_process, sizes=sizes)
+        table, png = summarise(FLAGS.tasks, FLAGS.variants, FLAGS.out_dir, FLAGS.title)
     print("\nFinal evaluation return (mean +- s.e. over seeds):\n" + table +
           f"\n\nplot: {png}\ntable: {os.path.join(FLAGS.out_dir, 'final_returns.md')}\n"
           f"[study] done in {(time.time() - t0) / 60:.1f} min")
 
 
 if __name__ == "__main__":
-    from flare_jax.runtime import reexec_with_tcmalloc
-    reexec_with_tcmalloc("experiments.state_study")
-    app.run(main)
+    runtime.setup_process(reexec="experiments.state_study")
+    cli.run_main(main)

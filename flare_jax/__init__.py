@@ -1,10 +1,7 @@
-"""flare_jax: Flare (latent flow) encoders and the shared RL library (replay, envs, logging).
+"""flare_jax: Flare (latent flow) encoders and the shared RL library (replay, envs, loop, logging).
 
-Importing this package configures XLA's CPU backend for fast convolutions (see
-`flare_jax.xla_cpu`); import it before running any JAX computation.
+Importing it changes no environment variable and no JAX setting. Entry points (launchers, tests,
+notebooks) call `flare_jax.runtime.setup_process()` once, before any JAX computation, for the
+fast CPU convolutions and headless rendering.
 """
-from flare_jax import xla_cpu as _xla_cpu
-
-FAST_CPU_CONV = _xla_cpu.configure()
-
 __version__ = "0.1.0"

@@ -1,8 +1,8 @@
 """Run logging: CSV files, TensorBoard (tensorboardX) and a progress bar.
 
 One `RunLogger` per run directory. `log(kind, step, values)` appends a row to `<dir>/<kind>.csv`
-(columns fixed by the first row of that kind, file flushed at once, so nothing is lost on
-interruption) and writes the scalars to TensorBoard under `<kind>/<name>`.
+(written and closed at once, so nothing is lost on interruption) and writes the scalars to
+TensorBoard under `<kind>/<name>`.
 """
 from __future__ import annotations
 
@@ -17,61 +17,134 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 
-def _scalar(v: Any) -> float:
-    return float(np.asarray(v).reshape(()))
+def _scalar(v: Any):
+    """A Python int (ints and bools) or float of a scalar."""
+    v = np.asarray(v).reshape(())
+    return int(v) if v.dtype.kind in "biu" else float(v)
 
 
 class RunLogger:
-    def __init__(self, run_dir: str, tensorboard: bool = True):
+    """CSV and TensorBoard logs of one run directory.
+
+    `resume_step`: the logs continue a run restored at this step (the x-axis unit of the rows):
+    rows with a larger step are cut from every `<kind>.csv` first, and TensorBoard is told to
+    purge its events after that step (`purge_step`), so each step appears once after a resume.
+    A row with columns the file lacks rewrites the file with the union of the columns.
+    """
+
+    def __init__(self, run_dir: str, tensorboard: bool = True, resume_step: Optional[int] = None):
         self.run_dir = run_dir
         os.makedirs(run_dir, exist_ok=True)
-        self._files: dict[str, Any] = {}
-        self._writers: dict[str, csv.DictWriter] = {}
+        self._columns: dict[str, list[str]] = {}
         self._tb = None
+        if resume_step is not None:
+            truncate_csvs(run_dir, resume_step)
         if tensorboard:
-            from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-            self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+            self._tb = _TensorBoard(os.path.join(run_dir, "tb"),
+                                    purge_step=None if resume_step is None else int(resume_step) + 1)
 
-    def write_config(self, config: Mapping[str, Any]):
-        with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-            json.dump(dict(config), f, indent=2, sort_keys=True, default=str)
+    def _path(self, kind: str) -> str:
+        return os.path.join(self.run_dir, f"{kind}.csv")
 
     def log(self, kind: str, step: int, values: Mapping[str, Any]):
         row = {"step": int(step)}
         row.update({k: (_scalar(v) if not isinstance(v, str) else v) for k, v in values.items()})
-        if kind not in self._writers:
-            path = os.path.join(self.run_dir, f"{kind}.csv")
-            f = open(path, "a", newline="")
-            writer = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
-            if f.tell() == 0:
-                writer.writeheader()
-            self._files[kind], self._writers[kind] = f, writer
-        self._writers[kind].writerow(row)
-        self._files[kind].flush()
+        path = self._path(kind)
+        if kind not in self._columns:
+            self._columns[kind] = read_csv(path)[0] if os.path.exists(path) else []
+        columns = self._columns[kind]
+        new = [k for k in row if k not in columns]
+        if new:   # a new file, or new columns: (re)write the header with all columns
+            _, rows = read_csv(path) if os.path.exists(path) else ([], [])
+            columns.extend(new)
+            _write_csv(path, columns, rows)
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=columns, restval="").writerow(row)
         if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and not isinstance(v, str) and np.isfinite(v):
-                    self._tb.add_scalar(f"{kind}/{k}", v, int(step))
+            self._tb.write(int(step), {f"{kind}/{k}": v for k, v in row.items()
+                                       if k != "step" and not isinstance(v, str) and np.isfinite(v)})
 
     def close(self):
-        for f in self._files.values():
-            f.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class _TensorBoard:
+    """A TensorBoard event file written synchronously (tensorboardX's SummaryWriter queues
+    events in a thread that a killed process never drains). `purge_step`: TensorBoard hides the
+    earlier files' events at steps >= it (a SessionLog START event, as SummaryWriter writes)."""
+
+    def __init__(self, logdir: str, purge_step: Optional[int] = None):
+        from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=g-import-not-at-top
+        from tensorboardX.proto.event_pb2 import Event, SessionLog  # pylint: disable=g-import-not-at-top
+        from tensorboardX.summary import scalar  # pylint: disable=g-import-not-at-top
+        os.makedirs(logdir, exist_ok=True)
+        self._event, self._scalar = Event, scalar
+        self._writer = EventsWriter(os.path.join(logdir, "events"))
+        if purge_step is not None:
+            self._writer.write_event(Event(step=purge_step, wall_time=time.time(),
+                                           session_log=SessionLog(status=SessionLog.START)))
+        self._writer.flush()
+
+    def write(self, step: int, scalars: Mapping[str, float]):
+        for tag, value in scalars.items():
+            self._writer.write_event(self._event(wall_time=time.time(), step=step,
+                                                 summary=self._scalar(tag, float(value))))
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
+
+
+def read_csv(path: str) -> tuple[list[str], list[dict]]:
+    """(columns, rows) of a log CSV; rows whose step is not an integer, or with missing fields
+    (a line cut by a killed process), are dropped."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = []
+        for row in reader:
+            if None in row.values() or None in row:
+                continue
+            try:
+                int(row["step"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            rows.append(row)
+        return list(reader.fieldnames or []), rows
+
+
+def _write_csv(path: str, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]):
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def truncate_csvs(run_dir: str, max_step: int):
+    """Keeps only the rows with step <= max_step in every `<run_dir>/*.csv`."""
+    for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
+        if name.endswith(".csv"):
+            path = os.path.join(run_dir, name)
+            columns, rows = read_csv(path)
+            _write_csv(path, columns, [r for r in rows if int(r["step"]) <= max_step])
 
 
 class Progress:
     """A progress bar over env steps (tqdm on a terminal, a line every `every_s` seconds otherwise)."""
 
     def __init__(self, total: int, unit: str = "env steps", every_s: float = 30.0,
-                 stream=sys.stderr, desc: str = ""):
+                 stream=sys.stderr, desc: str = "", initial: int = 0):
         self.total, self.unit, self.every_s, self.desc = total, unit, every_s, desc
-        self.count, self.start, self.last_print = 0, time.time(), 0.0
+        self.count, self.start, self.last_print = initial, time.time(), 0.0
+        self.initial = initial
         self.info: dict[str, str] = {}
         self._bar = None
         if stream.isatty():
             from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-            self._bar = tqdm(total=total, unit=" " + unit.split()[-1], desc=desc, dynamic_ncols=True)
+            self._bar = tqdm(total=total, initial=initial, unit=" " + unit.split()[-1], desc=desc,
+                             dynamic_ncols=True)
         self.stream = stream
 
     def update(self, count: int, **info):
@@ -79,7 +152,7 @@ class Progress:
         self.info.update({k: str(v) for k, v in info.items()})
         delta = count - self.count
         self.count = count
-        rate = count / max(time.time() - self.start, 1e-9)
+        rate = (count - self.initial) / max(time.time() - self.start, 1e-9)
         if self._bar is not None:
             self._bar.update(delta)
             self._bar.set_postfix({f"{self.unit}/s": f"{rate:.0f}", **self.info}, refresh=False)
@@ -92,10 +165,6 @@ class Progress:
     def close(self):
         if self._bar is not None:
             self._bar.close()
-
-
-def format_optional(v: Optional[float], fmt: str = "{:.1f}") -> str:
-    return "-" if v is None else fmt.format(v)
 
 
 def write_command(out_dir: str, module: str, args: Sequence[str], append: bool = False) -> str:

@@ -55,6 +55,12 @@ class PrioritizedState:
     max_priority: Array              # [] largest priority seen (before the exponent)
 
 
+def nbytes(config: PrioritizedConfig) -> int:
+    """Device memory of the state: the replay and its two sum trees."""
+    n = config.replay.num_envs * config.replay.slots
+    return config.replay.nbytes + 2 * sum_tree.nbytes(n) + 4
+
+
 def init(config: PrioritizedConfig) -> PrioritizedState:
     n = config.replay.num_envs * config.replay.slots
     return PrioritizedState(replay=rp.init(config.replay), priorities=sum_tree.init(n),

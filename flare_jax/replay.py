@@ -127,21 +127,30 @@ def available_memory_bytes(device=None) -> Optional[int]:
         return None
 
 
-def check_fits(config: ReplayConfig, device=None, headroom: float = 0.8) -> str:
-    """Returns a one-line memory summary; raises MemoryError if the buffer cannot fit."""
-    need = config.nbytes
+def check_memory(nbytes: int, summary: str, device=None, headroom: float = 0.8) -> str:
+    """"<summary> = X GiB (device has Y GiB free)"; raises MemoryError (one line) when `nbytes`
+    exceed `headroom` of the device's free memory."""
     free = available_memory_bytes(device)
-    summary = (f"replay: {config.capacity:,d} transitions x {config.num_envs} env(s), "
-               f"{config.slots:,d} slots/env of {config.frame_shape} {np.dtype(config.frame_dtype).name} "
-               f"frames = {need / 2**30:.2f} GiB")
+    line = f"{summary} = {nbytes / 2**30:.2f} GiB"
     if free is not None:
-        summary += f" (device has {free / 2**30:.1f} GiB free)"
-        if need > headroom * free:
-            per_tr = need / config.capacity
-            fits = int(headroom * free / per_tr)
-            raise MemoryError(f"{summary}: does not fit in {headroom:.0%} of the free device memory; "
-                              f"use a capacity of at most ~{fits:,d} transitions")
-    return summary
+        line += f" (device has {free / 2**30:.1f} GiB free)"
+        if nbytes > headroom * free:
+            raise MemoryError(f"{line}: does not fit in {headroom:.0%} of the free device memory; "
+                              f"reduce it to at most {headroom * free / 2**30:.2f} GiB (e.g. "
+                              f"--replay_capacity x {headroom * free / nbytes:.2f}, or fewer seeds)")
+    return line
+
+
+def describe(config: ReplayConfig) -> str:
+    return (f"replay: {config.capacity:,d} transitions x {config.num_envs} env(s), "
+            f"{config.slots:,d} slots/env of {config.frame_shape} "
+            f"{np.dtype(config.frame_dtype).name} frames")
+
+
+def check_fits(config: ReplayConfig, copies: int = 1, device=None, headroom: float = 0.8) -> str:
+    """`check_memory` for `copies` buffers of `config` (e.g. one per vmapped seed)."""
+    summary = describe(config) + (f", x {copies} seeds" if copies > 1 else "")
+    return check_memory(config.nbytes * copies, summary, device, headroom)
 
 
 def init(config: ReplayConfig, device=None) -> ReplayState:

@@ -1,16 +1,24 @@
-"""Process-level runtime settings for the command-line entry points.
+"""Process set-up and process-level helpers for the entry points (launchers, tests, notebooks).
 
-tcmalloc. XLA's CPU runtime allocates fresh buffers for the large activations of every call
-(100+ MB for a pixel SAC batch). With glibc malloc those are mmap'ed and unmapped each time, and
-the page faults and zeroing of new pages made an elementwise pass over a 128 MB activation take
-~75 ms on the 2-core dev machine; with tcmalloc (which keeps freed pages) it takes ~9 ms, and a
-Flare SAC update drops from ~5.0 s to ~3.8 s. tcmalloc must be loaded at process start
-(LD_PRELOAD), so the Makefile exports it and `reexec_with_tcmalloc` restarts an entry point
-under it when it was started without. Debian package: libtcmalloc-minimal4.
+`setup_process()` is the one explicit process set-up; importing `flare_jax` changes nothing:
+  * XLA CPU flags (`flare_jax.xla_cpu.configure`): convolutions to Eigen; must run before JAX
+    starts its backends;
+  * MUJOCO_GL=egl (headless rendering), unless set;
+  * with `reexec=<module>` (launchers only): restarts `python -m <module>` under tcmalloc when it
+    is installed and not loaded. XLA's CPU runtime allocates fresh buffers for the large
+    activations of every call; tcmalloc keeps freed pages, glibc malloc maps and zeroes them
+    again (figures in results/bench). It must be loaded at process start (LD_PRELOAD), hence the
+    re-exec. Debian package: libtcmalloc-minimal4.
+
+Also here: `StopRequests` (SIGTERM/Ctrl-C as a polled flag), `StallWatchdog`, `RunDirLock` (one
+live run per output directory) and `die_with_parent` (a child process that ends with its parent).
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import faulthandler
+import fcntl
 import os
 import signal
 import sys
@@ -36,6 +44,19 @@ def tcmalloc_loaded() -> bool:
             return "tcmalloc" in f.read()
     except OSError:
         return "tcmalloc" in os.environ.get("LD_PRELOAD", "")
+
+
+def setup_process(reexec: str | None = None) -> dict:
+    """The process set-up of launchers, tests and notebooks; call before any JAX computation.
+
+    Returns what is in effect: {"fast_cpu_conv": bool, "tcmalloc": bool}. With `reexec` (the
+    launcher's module name) the process may first be restarted under tcmalloc (see above).
+    """
+    from flare_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+    if reexec:
+        reexec_with_tcmalloc(reexec)
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    return {"fast_cpu_conv": xla_cpu.configure(), "tcmalloc": tcmalloc_loaded()}
 
 
 def reexec_with_tcmalloc(module: str) -> None:
@@ -77,10 +98,17 @@ class StopRequests:
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None      # SIGTERM or SIGINT once requested
         self._old_handler = None
 
-    def _on_signal(self, *_):
+    def _on_signal(self, signum, _frame):
         self.requested = True
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """The shell convention for a process ended by the signal: 128 + signal number."""
+        return 128 + (self.signum or signal.SIGINT)
 
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():
@@ -93,6 +121,7 @@ class StopRequests:
             self._old_handler = None
         if exc_type is KeyboardInterrupt:
             self.requested = True
+            self.signum = self.signum or signal.SIGINT
             return True
         return False
 
@@ -102,7 +131,7 @@ class StallWatchdog:
 
     A training loop calls `beat()` after each step; if no beat comes for `seconds`, Python's
     faulthandler prints the tracebacks and exits the process (status 1). This turns a wedged XLA
-    CPU thread pool (see `flare_jax.xla_cpu.single_thread_eigen`) into a failure that a
+    CPU thread pool (the batched-QR deadlock of `agents.sac.init_seeds`) into a failure that a
     resumable launcher can rerun, instead of a process that waits forever. `seconds <= 0`
     disables it.
     """
@@ -134,13 +163,71 @@ class StallWatchdog:
 def host_to_device(*arrays):
     """`jax.device_put` of host (numpy) arrays, returned only once the copies are done.
 
-    Used for the one-off start-of-run inputs (keys, first frames), so the first programs never
-    start with inputs in flight. It was added while chasing a start-of-run hang that turned out
-    to be a batched LAPACK QR on XLA's CPU pool (see agents.sac.init_seeds). Per-step env output
-    goes to the jitted calls as numpy arrays instead: the extra synchronisation cost ~0.6 ms per
-    step (8 Atari frames + scalars: 0.90 vs 0.30 ms per call on the loaded 2-core VM). Returns
-    one array for one input, else a tuple.
+    For one-off start-of-run inputs, so the first programs never start with inputs in flight
+    (per-step env output goes to the jitted calls as numpy, without this extra sync). Returns one
+    array for one input, else a tuple.
     """
     import jax  # pylint: disable=g-import-not-at-top
     out = jax.block_until_ready(jax.device_put(arrays))
     return out[0] if len(arrays) == 1 else tuple(out)
+
+
+class RunDirLock:
+    """An exclusive lock on an output directory, held by one live process at a time.
+
+    `flock` on `<directory>/.lock`, which holds the owner's PID. The kernel drops the lock when
+    the owner exits, however it exits (kill -9 included), so a stale lock file never blocks.
+    Raises RunDirBusy naming the PID when another process holds it.
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.path = os.path.join(directory, ".lock")
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunDirLock":
+        os.makedirs(self.directory, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            owner = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunDirBusy(f"{self.directory} is in use by a running process (PID {owner}); "
+                                 "wait for it to end, stop it, or use another --out_dir") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+        return False
+
+
+class RunDirBusy(RuntimeError):
+    """Another live process holds the output directory (RunDirLock)."""
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Asks the kernel to send `signum` to this process when its parent dies (Linux prctl).
+
+    For `subprocess.Popen(..., preexec_fn=die_with_parent)`: a child killed this way gets SIGTERM
+    however the parent ended (kill -9 included), so it stops, and saves, instead of training on
+    alone. A no-op where prctl is unavailable.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:   # the parent died before prctl took effect
+        os.kill(os.getpid(), signum)

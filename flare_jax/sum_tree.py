@@ -39,11 +39,19 @@ class SumTree:
         return self.nodes[..., self.capacity:self.capacity + self.num_leaves]
 
 
+def _capacity(num_leaves: int) -> int:
+    return 1 << max(num_leaves - 1, 0).bit_length()
+
+
+def nbytes(num_leaves: int) -> int:
+    """Device memory of a tree over `num_leaves` leaves."""
+    return 2 * _capacity(num_leaves) * 4
+
+
 def init(num_leaves: int) -> SumTree:
     if num_leaves < 1:
         raise ValueError(f"a sum tree needs >= 1 leaf, got {num_leaves}")
-    p = 1 << max(num_leaves - 1, 0).bit_length()
-    return SumTree(nodes=jnp.zeros((2 * p,), jnp.float32), num_leaves=num_leaves)
+    return SumTree(nodes=jnp.zeros((2 * _capacity(num_leaves),), jnp.float32), num_leaves=num_leaves)
 
 
 def set_leaves(tree: SumTree, index: Array, value: Array) -> SumTree:

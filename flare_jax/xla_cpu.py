@@ -1,20 +1,18 @@
 """XLA CPU backend settings that make the conv stacks fast on CPUs.
 
-Why this exists (measured on the 2-core AVX2 dev machine, jaxlib 0.10.2; numbers in
-`python -m experiments.bench encoders`): XLA's CPU compiler hands every VALID/small-padding
-convolution, and its filter gradient, to its YNNPACK "library fusion". For the shapes of the
-Flare/RAD conv stack that path runs single-threaded at ~9-15 GFLOP/s, while the same
-convolution lowered to XLA's Eigen kernels runs multi-threaded at 80-100 GFLOP/s (forward) and
-~50 GFLOP/s (filter gradient). We measured the alternatives the issue suggested, written in JAX:
-im2col + dot (26 GFLOP/s forward+backward) and 9 shifted matmuls (22 GFLOP/s); routing the
-convolutions to Eigen beats both (~64 GFLOP/s forward+backward), and it computes the same
-function as `lax.conv_general_dilated` (it *is* that op, only the CPU kernel changes).
+XLA's CPU compiler hands every VALID/small-padding convolution, and its filter gradient, to its
+YNNPACK "library fusion"; for the Flare/RAD conv stack that path runs single-threaded, while the
+same convolution lowered to XLA's multi-threaded Eigen kernels is several times faster
+(`python -m experiments.bench encoders` measures both; figures in results/bench). `configure()`
+adds `--xla_cpu_experimental_ynn_fusion_type=<fusions>` to XLA_FLAGS so that convolutions go to
+Eigen and only `<fusions>` stay on YNNPACK (default `LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`: the
+matmuls of the MLPs). It computes the same function as `lax.conv_general_dilated` (it is that
+op; only the CPU kernel changes).
 
-The switch is an XLA flag, so it is process-wide and must be in `XLA_FLAGS` before JAX starts
-its CPU backend. `configure()` is called when `flare_jax` is imported; it only touches the CPU
-backend (GPU/TPU compilers ignore CPU flags, cuDNN stays in charge there). YNNPACK is kept for
-what it does well (`LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`: the 1024-wide SAC MLPs) unless
-`FLARE_JAX_YNN_FUSION` says otherwise. Set `FLARE_JAX_XLA_CPU=0` to leave XLA's defaults.
+The flag is process-wide and must be in XLA_FLAGS before JAX starts its CPU backend, so
+`configure()` is called by `flare_jax.runtime.setup_process()`, never on import. GPU/TPU
+compilers ignore CPU flags. `FLARE_JAX_YNN_FUSION` chooses the fusions kept on YNNPACK;
+`FLARE_JAX_XLA_CPU=0` leaves XLA's defaults.
 """
 from __future__ import annotations
 
@@ -60,9 +58,9 @@ def configure(enable: bool | None = None) -> bool:
         return True
     if _backends_initialized():
         warnings.warn(
-            "flare_jax was imported after JAX started its backends, so XLA's CPU convolutions "
-            "stay on the slow YNNPACK path (~6x slower conv stacks on CPU). Import flare_jax "
-            f"before running JAX code, or export XLA_FLAGS='{fast_conv_flag()}'.",
+            "flare_jax.runtime.setup_process() ran after JAX started its backends, so XLA's CPU "
+            "convolutions stay on the slow YNNPACK path. Call it before running JAX code, or "
+            f"export XLA_FLAGS='{fast_conv_flag()}'.",
             stacklevel=3)
         return False
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + fast_conv_flag()).strip()

@@ -1,9 +1,15 @@
-"""Shared test setup: import flare_jax first so its XLA CPU settings apply to every test."""
+"""Shared test setup: the process set-up of flare_jax (XLA CPU flags, MUJOCO_GL) before any JAX
+computation, as the launchers do."""
 import os
 
-os.environ.setdefault("MUJOCO_GL", "egl")
+from flare_jax.runtime import setup_process
 
-import flare_jax  # noqa: E402,F401  (configures XLA before any JAX computation)
+# Compiled programs are cached on disk and shared by the tests' own subprocesses: many tests
+# compile the same small agents (XLA CPU takes ~5-25 s for one Rainbow or SAC step).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+setup_process()
 
 import faulthandler  # noqa: E402
 

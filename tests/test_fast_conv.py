@@ -83,7 +83,9 @@ def test_conv_values_and_gradients_match_float64_reference(stride, cin, size):
 _SUBPROCESS = textwrap.dedent("""
     import json, os, sys
     import numpy as np
-    import flare_jax, jax, jax.numpy as jnp
+    from flare_jax.runtime import setup_process
+    setup_process()
+    import jax, jax.numpy as jnp
     from flare_jax import xla_cpu
     from flare_jax.encoders import make_encoder
     enc = make_encoder("flare", feature_dim=16)

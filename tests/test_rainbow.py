@@ -202,5 +202,5 @@ def test_act_is_greedy_on_noisy_q_and_epsilon_explores():
 def test_config_errors():
     with pytest.raises(ValueError, match="v_max > v_min"):
         rainbow.RainbowConfig(v_min=1.0, v_max=-1.0)
-    with pytest.raises(ValueError, match="unknown encoder"):
+    with pytest.raises(ValueError, match="unknown torso 'resnet'; valid torsos: atari_flare"):
         _state("resnet")

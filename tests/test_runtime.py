@@ -62,3 +62,41 @@ def test_stall_watchdog_disabled_and_cancelled():
         pass
     time.sleep(0.8)  # cancelled on exit: this process is still alive
 
+
+
+def _fresh_python(code: str):
+    """`python -c code` without the XLA_FLAGS and MUJOCO_GL the test process set up."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MUJOCO_GL")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_importing_the_library_changes_no_environment_variable_and_no_jax_setting():
+    import json
+    code = (
+        "import json, os, sys\n"
+        "before = dict(os.environ)\n"
+        "import jax\n"
+        "names = ('jax_enable_x64', 'jax_platforms', 'jax_default_matmul_precision', 'jax_num_cpu_devices')\n"
+        "flags_before = {k: getattr(jax.config, k) for k in names}\n"
+        "import flare_jax, flare_jax.loop, flare_jax.checkpoint, flare_jax.replay, flare_jax.runtime\n"
+        "import flare_jax.envs.dmc, flare_jax.envs.atari, flare_jax.encoders, flare_jax.xla_cpu\n"
+        "import agents, agents.sac, agents.sac_train, agents.rainbow, agents.rainbow_train\n"
+        "import experiments.presets, experiments.cli, experiments.report\n"
+        "changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}\n"
+        "flags_after = {k: getattr(jax.config, k) for k in names}\n"
+        "print(json.dumps({'changed': sorted(changed), 'flags': flags_before == flags_after}))\n")
+    out = _fresh_python(code)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"changed": [], "flags": True}, out.stderr[-2000:]
+
+
+def test_setup_process_sets_the_xla_cpu_flag_and_mujoco_gl():
+    code = ("import os\nfrom flare_jax.runtime import setup_process\n"
+            "state = setup_process()\n"
+            "print(state['fast_cpu_conv'], os.environ['MUJOCO_GL'], "
+            "'ynn_fusion_type' in os.environ.get('XLA_FLAGS', ''))\n")
+    out = _fresh_python(code)
+    assert out.stdout.split() == ["True", "egl", "True"], out.stderr[-2000:]

@@ -39,15 +39,24 @@ def test_unknown_variant_lists_the_valid_ones(tmp_path):
     assert "unknown variant 'velocity_only'" in out.stderr and "state_recurrent" in out.stderr
 
 
+def _long_study(out_dir):
+    return [sys.executable, "-m", "experiments.state_study", "--tasks=cartpole_swingup",
+            "--variants=state_flare", "--seeds=0", "--env_steps=400000", f"--out_dir={out_dir}"]
+
+
+def _start_training(args):
+    """A study process whose child has started training."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("[sac] replay"):
+            break
+    return proc
+
+
 def test_sigterm_stops_the_study_and_its_child(tmp_path):
     import signal
     import time
-    args = [sys.executable, "-m", "experiments.state_study", "--tasks=cartpole_swingup",
-            "--variants=state_flare", "--seeds=0", "--env_steps=400000", f"--out_dir={tmp_path}"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:  # the child has started training
-        if line.startswith("[sac] replay"):
-            break
+    proc = _start_training(_long_study(tmp_path))
     time.sleep(3)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
@@ -73,3 +82,24 @@ def test_summary_tables_give_returns_and_shares_of_full_state(tmp_path):
     assert "| state-Flare | 600.0 +- 100.0 |" in md
     assert "| state-Flare | 86% |" in md and "| full state | 100% |" in md   # 600 / 700
     assert "cartpole_swingup: 2,000" in md and os.path.exists(png)
+
+
+def test_a_killed_study_takes_its_child_along_and_a_second_study_is_refused(tmp_path):
+    import signal
+    import time
+    args = _long_study(tmp_path)
+    proc = _start_training(args)
+    second = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2 and f"in use by a running process (PID {proc.pid})" in second.stderr
+    time.sleep(3)
+    proc.send_signal(signal.SIGKILL)          # no handler of the study runs
+    proc.wait(timeout=60)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        left = subprocess.run(["pgrep", "-f", f"out_dir={tmp_path}"], capture_output=True, text=True)
+        if not left.stdout.strip():
+            break
+        time.sleep(1)
+    assert not left.stdout.strip(), "the child process outlived the killed study"
+    # the child stopped on the SIGTERM its death signal sent, and saved where it was
+    assert os.listdir(tmp_path / "cartpole_swingup" / "state_flare" / "checkpoints")

@@ -54,12 +54,15 @@ class TimeStep:
       discount: [N] float32; 1.0 (DMC episodes end only by the time limit).
       first: [N] bool, the frame is the first of a new episode.
       last: [N] bool, the frame is the last of its episode (time limit).
+      episode_return: [N] float32, the sum of the episode's rewards so far, this step included
+        (0 on a first step); at `last` it is the episode's return.
     """
     frame: np.ndarray
     reward: np.ndarray
     discount: np.ndarray
     first: np.ndarray
     last: np.ndarray
+    episode_return: np.ndarray
 
 
 def _import_envpool():
@@ -163,6 +166,7 @@ class DMCEnv(EnvLifetime):
 
         self._frame = None       # [N, ...] the latest frame of every env
         self._needs_reset = None  # [N] bool: the previous step returned last
+        self._return = None      # [N] float64 return of the running episodes
         self._mark_open()
 
     # ------------------------------------------------------------------------------------------
@@ -192,9 +196,10 @@ class DMCEnv(EnvLifetime):
         self._frame = frame
         self._needs_reset = np.zeros(self.num_envs, bool)
         n = self.num_envs
+        self._return = np.zeros(n, np.float64)
         return TimeStep(frame=frame.copy(), reward=np.zeros(n, np.float32),
                         discount=np.ones(n, np.float32), first=np.ones(n, bool),
-                        last=np.zeros(n, bool))
+                        last=np.zeros(n, bool), episode_return=np.zeros(n, np.float32))
 
     def _check_action(self, action) -> np.ndarray:
         action = np.asarray(action)
@@ -258,8 +263,11 @@ class DMCEnv(EnvLifetime):
             last[got] = np.asarray(ts.step_type) == _LAST
 
         self._needs_reset = last.copy()
+        self._return[first] = 0.0
+        self._return += reward
         return TimeStep(frame=frame.copy(), reward=reward.astype(np.float32),
-                        discount=discount.astype(np.float32), first=first, last=last)
+                        discount=discount.astype(np.float32), first=first, last=last,
+                        episode_return=self._return.astype(np.float32))
 
 
     def __repr__(self):

@@ -1,0 +1,79 @@
+"""What the absl launchers share: the preset read before the flags are defined, the flags
+generated from it (`flare_jax.config_flags`), and one-line errors for bad input."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+from flare_jax import checkpoint, config_flags, loop, runtime
+
+# What a user can cause: reported in one line, without a traceback, and exit status 2.
+USER_ERRORS = (ValueError, MemoryError, loop.RunError, runtime.RunDirBusy, checkpoint.CheckpointError)
+
+
+def flag_from_argv(name: str, default: str, argv: Sequence[str] = None) -> str:
+    """The value of `--name=value` / `--name value` in argv (before absl parses it)."""
+    argv = sys.argv if argv is None else argv
+    value = default
+    for i, arg in enumerate(argv[1:], 1):
+        if arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+def define_preset_flags(presets: dict, default: str, exclude: Sequence[str] = ()):
+    """Defines --preset and one flag per config field, with the chosen preset's values as
+    defaults. Returns (preset name, preset config); an unknown name falls back to `default`
+    here and is refused by `preset_config` in main."""
+    flags.DEFINE_string("preset", default, f"one of {', '.join(sorted(presets))}; its values are "
+                        "the defaults of the other flags (--preset=NAME --helpfull shows them)")
+    flags.disclaim_key_flags()   # the flags belong to the launcher calling this (its --help)
+    name = flag_from_argv("preset", default)
+    preset = presets.get(name, presets[default])
+    config_flags.define_flags(preset, exclude=exclude)
+    return name, preset
+
+
+def train(trainer_cls, config, module: str):
+    """A launcher's run: the loop, the final evaluation of a finished run, its exit status."""
+    result = loop.run(trainer_cls, config, command=(module, sys.argv[1:]))
+    if result.final:
+        step, returns = result.final
+        print(f"final evaluation at {step:,d} {result.unit}: returns "
+              f"{[round(r, 1) for r in returns]}; logs in {config.run.out_dir}")
+    loop.exit_with(result)
+
+
+def fail(message: str):
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "flare_jax"
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, a bad flag reported in one line (absl prints two), exit status 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        fail(str(err))
+
+
+def run_main(main: Callable):
+    """`app.run(main)` with bad flags and the USER_ERRORS of main turned into one line on stderr
+    and exit status 2."""
+    def wrapped(argv):
+        if not flags.FLAGS["verbosity"].present:   # orbax logs every save at INFO
+            absl_logging.set_verbosity(absl_logging.WARNING)
+        if len(argv) > 1:
+            fail(f"unexpected arguments: {' '.join(argv[1:])}")
+        try:
+            return main(argv)
+        except USER_ERRORS as err:
+            fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    app.run(wrapped, flags_parser=_parse_flags)

@@ -1,0 +1,802 @@
+"""The run loop of both agents (SAC and Rainbow): envs -> one compiled device step per agent
+step -> evaluations, logs, checkpoints; resumable, guarded, for S seeds at once.
+
+    result = loop.run(SACTrainer, config)        # or RainbowTrainer; agents/ define them
+
+An agent gives the loop a `Trainer`: its environments and pure per-seed device functions
+(`init_agent`, `init_replay`, `observe`, `learn`, `act`, `stack_init`). The loop writes the device
+step once for every agent,
+
+    observe(frame, reward, discount, first) -> [n x (sample -> update), `learn`] -> act,
+
+`jax.vmap`s it over a leading seed axis S (every seed has its own agent, replay, stacks, keys and
+envs; no communication), jits it (the carry donated) and calls it once per loop iteration. The
+host side owns everything else: the schedule (`Schedule`: warm-up, update cadence, evaluation,
+checkpoints, counted in loop iterations converted from the units the flags name), envpool
+stepping, the stall watchdog, Ctrl-C/SIGTERM, logging and progress, the divergence guard, the
+output-directory lock and resume.
+
+Units. One loop iteration is one `env.step` of every env: `num_envs` agent steps per seed
+(`Schedule.agent_steps_per_iteration`); the logs' x-axis counts `Schedule.unit` ("env steps" =
+agent steps x action repeat for DMC, "frames" = agent steps x 4 for Atari) per seed.
+
+Checkpoints (`flare_jax.checkpoint`) bundle the whole carry (agent, replay with PER trees, frame
+stacks, last actions, PRNG keys; the replay only with `checkpoint_replay`), the host counters
+(`Counters`) and the config under `<out_dir>/checkpoints/<iteration>`. A run whose out_dir holds
+one resumes from the newest readable one: the config must match (`Trainer.resumable` fields may
+differ, e.g. the budget), the logs are cut back to its step, the envs start new episodes (their
+internal state is not saved; env seeds move on with `Counters.resumes`), and the device state
+continues bit for bit. An interrupted run saves a checkpoint and returns status "interrupted".
+
+Divergence guard: every device step returns whether its losses, gradient norms, parameter norm
+and actions are all finite; the host checks that flag before the actions reach the envs, before
+an evaluation and before a checkpoint, and stops with status "diverged" naming the step, the
+first non-finite metric and its seed; the last checkpoint on disk is the last good one.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from flare_jax import checkpoint as ckpt_lib
+from flare_jax import config_flags
+from flare_jax import replay as rp
+from flare_jax.logging import Progress, RunLogger, truncate_csvs, write_command
+from flare_jax.runtime import RunDirLock, StallWatchdog, StopRequests
+
+Array = jax.Array
+FINISHED, INTERRUPTED, DIVERGED = "finished", "interrupted", "diverged"
+EXIT_DIVERGED = 3
+
+
+def _help(text: str, **extra) -> dict:
+    return dict(help=text, **extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """How a run is executed and kept (shared by both agents); counts in agent steps per seed."""
+    seeds: tuple[int, ...] = dataclasses.field(
+        default=(0,), metadata=_help("seeds, run vmapped in one process, e.g. 0,1,2"))
+    out_dir: Optional[str] = dataclasses.field(
+        default=None, metadata=_help("output directory (default: runs/<derived from the config>)"))
+    resume: bool = dataclasses.field(
+        default=True, metadata=_help("continue from the newest checkpoint in out_dir; false: "
+                                     "refuse an out_dir that is not empty"))
+    checkpoint_every: Optional[int] = dataclasses.field(
+        default=None, metadata=_help("agent steps between checkpoints (default: at every "
+                                     "evaluation); one is also written at the end and on Ctrl-C"))
+    keep_checkpoints: int = dataclasses.field(default=2, metadata=_help("checkpoints kept on disk"))
+    checkpoint_replay: bool = dataclasses.field(
+        default=True, metadata=_help("include the replay in checkpoints (false: the agent only; "
+                                     "a resumed run refills its replay)"))
+    log_every: int = dataclasses.field(default=1000, metadata=_help("agent steps between train.csv rows"))
+    tensorboard: bool = dataclasses.field(default=True, metadata=_help("write TensorBoard logs"))
+    stall_seconds: float = dataclasses.field(
+        default=3600.0, metadata=_help("end the process with tracebacks when one loop step (an "
+                                       "evaluation or checkpoint included) takes longer; <= 0: never"))
+
+    def __post_init__(self):
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+        dup = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+        if dup:
+            raise ValueError(f"seeds must be distinct, got {list(self.seeds)} (repeated: {dup})")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 agent step (or unset: at every "
+                             f"evaluation), got {self.checkpoint_every}")
+        for name in ("keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+# RunConfig fields that may differ between a checkpoint and the command that resumes it.
+RUN_RESUMABLE = ("out_dir", "resume", "checkpoint_every", "keep_checkpoints", "checkpoint_replay",
+                 "log_every", "tensorboard", "stall_seconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The loop's cadences, in loop iterations (one env.step of all envs)."""
+    iterations: int                  # of the whole run
+    agent_steps_per_iteration: int   # per seed (= envs per seed)
+    units_per_iteration: int         # log x-axis units per iteration, per seed
+    unit: str                        # "env steps" | "frames"
+    warmup: int                      # iterations after a replay (re)start before learning
+    random_until: int                # iterations with uniformly random actions
+    updates_per_iteration: float     # owed updates accrue at this rate while learning
+    update_every: int                # iterations per learn call (owed updates are fused)
+    eval_every: int
+    log_every: int
+    checkpoint_every: int
+
+    def __post_init__(self):
+        for name in ("iterations", "agent_steps_per_iteration", "units_per_iteration",
+                     "update_every", "eval_every", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"schedule: {name} must be >= 1, got {getattr(self, name)}")
+
+    def iterations_of(self, agent_steps: int) -> int:
+        """Agent steps (per seed) -> iterations, rounded up."""
+        return -(-int(agent_steps) // self.agent_steps_per_iteration)
+
+
+def agent_steps_cadence(agent_steps: Optional[int], per_iteration: int, default: int) -> int:
+    """A cadence given in agent steps (None: `default` iterations) -> iterations (>= 1)."""
+    return default if agent_steps is None else max(1, -(-int(agent_steps) // per_iteration))
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvSpec:
+    """What the device state needs to know of an environment (one env, one step)."""
+    frame_shape: tuple[int, ...]
+    frame_dtype: str
+    action_shape: tuple[int, ...]
+    action_dtype: str
+    num_actions: Optional[int] = None      # discrete actions
+
+    @staticmethod
+    def of(env) -> "EnvSpec":
+        discrete = hasattr(env, "num_actions")
+        return EnvSpec(frame_shape=tuple(int(d) for d in env.frame_shape),
+                       frame_dtype=np.dtype(env.frame_dtype).name,
+                       action_shape=() if discrete else (int(env.action_dim),),
+                       action_dtype="int32" if discrete else "float32",
+                       num_actions=int(env.num_actions) if discrete else None)
+
+
+@struct.dataclass
+class Carry:
+    """The device state of the run; under the loop every leaf has a leading seed axis S."""
+    agent: Any
+    replay: Any
+    stack: Array        # [E, T, *frame] the acting stacks (storage format)
+    action: Array       # [E, *action_shape] the actions for the next env step
+    key: Array          # [2] this seed's loop key
+
+
+class Trainer(abc.ABC):
+    """What an agent gives the loop. Device functions are for ONE seed (the loop vmaps them).
+
+    Subclasses are built as `Trainer(config, spec)` and set `schedule`, `eval_frames` (None: one
+    deterministic episode per eval env; else a frame budget per seed, DQN Zoo style),
+    `replay_nbytes` and `replay_summary` (one seed's replay in device memory); the class sets
+    `name` and `resumable` (config leaf names that may differ on resume, e.g. the budget).
+    Env output reaches the device functions in the env's format; `store` turns a frame into the
+    storage format of the replay and the stacks.
+    """
+    name: str = ""
+    config_cls: type = None
+    resumable: tuple[str, ...] = ()
+    config: Any
+    spec: EnvSpec
+    schedule: Schedule
+    eval_frames: Optional[int] = None
+    replay_nbytes: int = 0
+    replay_summary: str = ""
+    label: str = ""            # the task or game, for the progress line
+
+    @classmethod
+    @abc.abstractmethod
+    def make_env(cls, config, role: str, resumes: int = 0):
+        """The envs of all seeds (seed-major: env j of seed i is env i * E + j); role "train"
+        (E = envs per seed) or "eval" (E = evaluation envs per seed). Their TimeSteps have
+        frame, reward, discount, first, last and episode_return ([S * E, ...] numpy)."""
+
+    @abc.abstractmethod
+    def describe(self, env) -> str:
+        """One line about the run, printed at its start."""
+
+    @abc.abstractmethod
+    def init_agent(self, key: Array):
+        """The agent state of one seed (called one seed at a time, not vmapped)."""
+
+    @abc.abstractmethod
+    def init_replay(self):
+        """An empty replay state of one seed."""
+
+    @abc.abstractmethod
+    def store(self, frame: Array) -> Array:
+        """[E, *env frame] -> [E, *stored frame]."""
+
+    @abc.abstractmethod
+    def add(self, replay, frame, action, reward, discount, first):
+        """Adds one env step of the E envs (stored frames) to the replay."""
+
+    @abc.abstractmethod
+    def stack_init(self, frame: Array) -> Array:
+        """[E, *stored frame] first frames -> [E, T, *stored frame] acting stacks."""
+
+    @abc.abstractmethod
+    def stack_push(self, stack: Array, frame: Array, first: Array) -> Array:
+        """Pushes stored frames [E, ...] onto the stacks (reset where `first`)."""
+
+    @abc.abstractmethod
+    def learn(self, agent, replay, key, n: int, update_count: Array, progress: Array):
+        """n updates (sampling included) -> (agent, replay, metrics with a leading axis [n]).
+
+        `update_count` ([] int32) counts the updates before these; `progress` ([] float32) is the
+        run's fraction done. Metrics hold the losses, gradient norms and `param_norm`.
+        """
+
+    @abc.abstractmethod
+    def act(self, agent, stack, key, mode: str) -> Array:
+        """Actions [E, *action_shape] for the stacks; mode "random", "explore" or "eval"."""
+
+
+def init_seeds(init_fn: Callable[[Array], Any], keys: Array):
+    """`jax.vmap(init_fn)(keys)` computed one seed at a time (jitted), then stacked.
+
+    The same values as the vmapped init, but no batched LAPACK QR (an orthogonal initialiser
+    under vmap), which deadlocked XLA's CPU thread pool in most process starts on a 2-core
+    machine (jaxlib 0.10.2: every worker idle, the kernel waiting on its own sub-tasks).
+    """
+    one = jax.jit(init_fn)
+    states = [jax.block_until_ready(one(k)) for k in keys]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+@dataclasses.dataclass
+class Counters:
+    """The host side of the loop state, saved with every checkpoint."""
+    iteration: int = 0        # loop iterations done
+    updates: int = 0          # updates done (per seed)
+    owed: float = 0.0         # updates accrued but not yet run
+    replay_start: int = 0     # iteration at which the replay started filling
+    last_eval: int = -1       # iteration of the last logged evaluation
+    resumes: int = 0
+    finished: bool = False    # the run reached its budget (the last checkpoint is the final state)
+
+
+@dataclasses.dataclass
+class RunResult:
+    status: str                       # finished | interrupted | diverged
+    config: Any
+    counters: Counters
+    evals: list                       # [(step in units, [S] mean returns)]
+    carry: Optional[Carry]
+    seconds: float
+    message: str = ""
+    exit_code: int = 0
+    unit: str = ""                    # of the evaluation steps: "env steps" or "frames"
+
+    @property
+    def final(self) -> Optional[tuple]:
+        return self.evals[-1] if self.status == FINISHED and self.evals else None
+
+
+class RunError(RuntimeError):
+    """A run cannot start (one-line message for the user; no traceback)."""
+
+
+def _empty_carry(trainer: Trainer, key) -> Carry:
+    """One seed's carry without its agent: empty replay, zero stacks and actions."""
+    spec, e = trainer.spec, trainer.schedule.agent_steps_per_iteration
+    frame = trainer.store(jnp.zeros((e,) + spec.frame_shape, spec.frame_dtype))
+    return Carry(agent=None, replay=trainer.init_replay(), stack=trainer.stack_init(frame),
+                 action=jnp.zeros((e,) + spec.action_shape, spec.action_dtype), key=key)
+
+
+def seed_keys(seeds) -> np.ndarray:
+    """[S, 2] PRNG keys, PRNGKey(seed) for each seed."""
+    return np.stack([np.asarray(jax.random.PRNGKey(seed)) for seed in seeds])
+
+
+def init_carry(trainer: Trainer, keys) -> Carry:
+    """The start of a run for keys [S, 2]: seed s gets its agent from split(key)[0] and its loop
+    key split(key)[1]."""
+    k_agent, k_loop = jax.vmap(jax.random.split, out_axes=1)(jnp.asarray(keys))
+    carry = jax.jit(jax.vmap(lambda k: _empty_carry(trainer, k)))(k_loop)
+    return carry.replace(agent=init_seeds(trainer.init_agent, k_agent))
+
+
+def carry_template(trainer: Trainer, keys) -> Carry:
+    """The carry's structure, shapes and dtypes for keys [S, 2], computing nothing."""
+    def one(key):
+        return _empty_carry(trainer, key).replace(agent=trainer.init_agent(key))
+    return jax.eval_shape(jax.vmap(one), jnp.asarray(keys))
+
+
+class Stepper:
+    """The compiled device functions of a Trainer for S seeds (leading axis S on every input).
+
+    `step` is the one device step of both agents, for each seed: store the env frames, add them
+    to the replay and the stacks, run `n` updates (`Trainer.learn`), act; it returns the new
+    carry (the old one is donated), the last update's metrics and whether all losses, norms and
+    actions are finite. One compiled program per (n, random).
+    """
+
+    def __init__(self, trainer: Trainer, num_seeds: int):
+        self.trainer, self.num_seeds = trainer, num_seeds
+        self._fns = {}
+        t = trainer
+        self.eval_act = jax.jit(jax.vmap(lambda a, st, k: t.act(a, st, k, "eval")))
+        self.stack_init = jax.jit(jax.vmap(lambda f: t.stack_init(t.store(f))))
+        self.stack_push = jax.jit(jax.vmap(lambda st, f, first: t.stack_push(st, t.store(f), first)))
+
+    def _one(self, carry: Carry, frame, reward, discount, first, count, progress, *, n, random):
+        t = self.trainer
+        frame = t.store(frame)
+        replay = t.add(carry.replay, frame, carry.action, reward, discount, first)
+        stack = t.stack_push(carry.stack, frame, first)
+        key, k_learn, k_act = jax.random.split(carry.key, 3)
+        agent, metrics, finite = carry.agent, {}, jnp.bool_(True)
+        if n:
+            agent, replay, stacked = t.learn(agent, replay, k_learn, n, count, progress)
+            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(m)) for m in stacked.values()]))
+            metrics = jax.tree.map(lambda m: m[-1], stacked)
+        action = t.act(agent, stack, k_act, "random" if random else "explore")
+        if jnp.issubdtype(action.dtype, jnp.floating):
+            finite = finite & jnp.all(jnp.isfinite(action))
+        return Carry(agent=agent, replay=replay, stack=stack, action=action, key=key), metrics, finite
+
+    def step(self, carry: Carry, frame, reward, discount, first, *, n: int, random: bool,
+             update_count: int, progress: float):
+        """frame [S, E, *env frame], reward/discount/first [S, E] (numpy or device arrays)."""
+        fn = self._fns.get((n, random))
+        if fn is None:
+            one = lambda c, f, r, d, fi, cnt, prog: self._one(  # noqa: E731
+                c, f, r, d, fi, cnt, prog, n=n, random=random)
+            fn = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, 0, None, None)), donate_argnums=0)
+            self._fns[(n, random)] = fn
+        return fn(carry, frame, reward, discount, first, np.int32(update_count), np.float32(progress))
+
+    def split(self, x: np.ndarray) -> np.ndarray:
+        """[S * E, ...] env-major -> [S, E, ...]."""
+        return x.reshape((self.num_seeds, -1) + x.shape[1:])
+
+
+def checkpoint_tree(carry: Carry, with_replay: bool) -> dict:
+    """What a checkpoint holds of the carry (the replay only `with_replay`)."""
+    tree = {"agent": carry.agent, "stack": carry.stack, "action": carry.action, "key": carry.key}
+    if with_replay:
+        tree["replay"] = carry.replay
+    return tree
+
+
+def _check_out_dir(path: str):
+    """Creates `path` and a file in it, or raises RunError saying why not."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RunError(f"--out_dir={path} is a file, not a directory")
+    probe = os.path.join(path, f".write_test.{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise RunError(f"--out_dir={path} is not writable: {err.strerror} "
+                       f"({err.filename or path})") from None
+
+
+def _config_record(trainer_name: str, config, spec: Optional[EnvSpec]) -> dict:
+    return {"agent": trainer_name, "config": config_flags.to_dict(config),
+            "env_spec": None if spec is None else dataclasses.asdict(spec)}
+
+
+def read_config_json(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "config.json")) as f:
+        return json.load(f)
+
+
+def check_resume(run_dir: str, trainer_name: str, config, resumable: tuple[str, ...]):
+    """Refuses to continue `run_dir` with another config (or another agent), naming the fields."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    try:
+        saved = read_config_json(run_dir)
+    except (OSError, ValueError) as err:
+        raise RunError(f"{path} is unreadable ({err}); use another --out_dir") from None
+    if saved.get("agent") != trainer_name:
+        raise RunError(f"{run_dir} holds a {saved.get('agent')!r} run, not {trainer_name!r}; "
+                       "use another --out_dir")
+    diffs = config_flags.diff(saved.get("config", {}), config_flags.to_dict(config),
+                              ignore=RUN_RESUMABLE + tuple(resumable))
+    if diffs:
+        raise RunError(f"{run_dir} holds a run with another config; resuming would mix runs: "
+                       f"{config_flags.describe_diff(diffs)}. Use another --out_dir, or "
+                       "--resume=false with an empty one")
+
+
+class _Guard:
+    """Finds the first non-finite metric of a diverged step (host side, rare)."""
+
+    @staticmethod
+    def describe(metrics: Optional[dict], seeds: tuple[int, ...]) -> str:
+        if metrics:
+            host = jax.device_get(metrics)
+            for name, values in host.items():
+                values = np.asarray(values).reshape(len(seeds), -1)
+                bad = ~np.isfinite(values).all(axis=1)
+                if bad.any():
+                    i = int(np.argmax(bad))
+                    return f"{name} is {values[i][~np.isfinite(values[i])][0]} for seed {seeds[i]}"
+        return "the actions are not finite"
+
+
+def run(trainer_cls, config, log: Optional[Callable[[str], None]] = print,
+        command: Optional[tuple[str, list]] = None) -> RunResult:
+    """Runs (or resumes) a training run of `trainer_cls` with `config` (which has `.run`).
+
+    `command`: (module, argv) of the launcher, appended to `<out_dir>/command.txt`.
+    Raises RunError (one line) when the run cannot start; returns a RunResult otherwise.
+    """
+    log = log or (lambda *_: None)
+    rc = config.run
+    out = rc.out_dir
+    if out is None:
+        return _Run(trainer_cls, config, log, None, command).execute()
+    _check_out_dir(out)
+    with RunDirLock(out):
+        return _Run(trainer_cls, config, log, out, command).execute()
+
+
+class _Run:
+    def __init__(self, trainer_cls, config, log, out, command):
+        self.cls, self.config, self.log, self.out, self.command = trainer_cls, config, log, out, command
+        self.rc = config.run
+        self.seeds = self.rc.seeds
+        self.t_start = time.time()
+
+    # -------------------------------------------------------------------- start and resume
+
+    def _prepare_out_dir(self):
+        """Refuses an out_dir that holds something else; claims it with config.json."""
+        entries = [e for e in os.listdir(self.out) if e != ".lock"]
+        if not self.rc.resume and entries:
+            raise RunError(f"--out_dir={self.out} is not empty and --resume=false: use an empty "
+                           "directory, or --resume=true to continue the run it holds")
+        if entries and not os.path.exists(os.path.join(self.out, "config.json")):
+            raise RunError(f"--out_dir={self.out} is not empty and holds no run (no config.json); "
+                           "use an empty or new directory")
+        check_resume(self.out, self.cls.name, self.config, self.cls.resumable)
+        if not entries:
+            self._write_config(None)
+        self.checkpointer = ckpt_lib.Checkpointer(os.path.join(self.out, "checkpoints"),
+                                                  keep=self.rc.keep_checkpoints, warn=self.log)
+
+    def _write_config(self, spec: Optional[EnvSpec]):
+        path = os.path.join(self.out, "config.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(_config_record(self.cls.name, self.config, spec), f, indent=2)
+        os.replace(path + ".tmp", path)
+
+    def execute(self) -> RunResult:
+        if self.out:
+            self._prepare_out_dir()
+        else:
+            self.checkpointer = None
+        # a resumed run's envs get new seeds (new episodes, not a replay of the first ones)
+        meta = ckpt_lib.latest_meta(self.checkpointer.directory) if self.checkpointer else None
+        resumes = int(meta["counters"]["resumes"]) + 1 if meta and "counters" in meta else 0
+        env = self.cls.make_env(self.config, "train", resumes)
+        eval_env = None
+        try:
+            eval_env = self.cls.make_env(self.config, "eval", resumes)
+            return self._execute(env, eval_env)
+        finally:
+            env.close()
+            if eval_env is not None:
+                eval_env.close()
+
+    def _execute(self, env, eval_env) -> RunResult:
+        cfg, log, seeds = self.config, self.log, self.seeds
+        spec = EnvSpec.of(env)
+        trainer = self.cls(cfg, spec)
+        sched = trainer.schedule
+        self.trainer, self.sched = trainer, sched
+        name = trainer.name
+        s = len(seeds)
+        log(f"[{name}] " + trainer.describe(env))
+        try:
+            log(f"[{name}] " + rp.check_memory(trainer.replay_nbytes * s,
+                                               f"{trainer.replay_summary}, x {s} seed(s)"))
+        except MemoryError as err:
+            raise RunError(str(err)) from None
+        self.stepper = Stepper(trainer, s)
+        keys = seed_keys(seeds)
+
+        # the state: fresh, or restored from the newest readable checkpoint
+        counters, restored = Counters(), None
+        if self.checkpointer is not None:
+            restored = self._restore(trainer, keys)
+        if restored is not None:
+            carry, counters, with_replay = restored
+            counters.resumes += 1
+            if not with_replay:
+                carry = carry.replace(replay=jax.vmap(lambda _: trainer.init_replay())(jnp.arange(s)))
+                counters.replay_start = counters.iteration
+                counters.owed = 0.0
+                log(f"[{name}] warning: the checkpoint holds no replay (--checkpoint_replay=false): "
+                    f"refilling it, learning again after {sched.warmup:,d} loop steps")
+        else:
+            carry = init_carry(trainer, keys)
+        if self.out:
+            try:   # the next checkpoint must fit (the previous ones stay until it is complete)
+                self.checkpointer.check_disk(ckpt_lib.tree_nbytes(
+                    checkpoint_tree(carry, self.rc.checkpoint_replay)))
+            except ckpt_lib.CheckpointError as err:
+                raise RunError(str(err)) from None
+            self._start_logs(counters, restored is not None, spec)
+        ts = env.reset()
+        carry, _, ok = self._step(carry, ts, 0, counters.iteration < sched.random_until, counters)
+        return self._loop(trainer, env, eval_env, carry, ok, counters)
+
+    def _restore(self, trainer, keys):
+        """(carry, counters, with_replay) of the newest readable checkpoint, or None."""
+        if not self.checkpointer.steps():
+            return None
+        template = carry_template(trainer, keys)
+        t0 = time.time()
+        try:
+            step, tree, meta = self.checkpointer.restore(
+                lambda meta: checkpoint_tree(template, meta.get("with_replay", True)))
+        except ckpt_lib.CheckpointError as err:
+            raise RunError(str(err)) from None
+        counters = Counters(**meta["counters"])
+        carry = Carry(agent=tree["agent"], replay=tree.get("replay", template.replay),
+                      stack=tree["stack"], action=tree["action"], key=tree["key"])
+        done = " (finished; nothing left to do)" if (
+            counters.finished and counters.iteration >= self.sched.iterations) else ""
+        self.log(f"[{trainer.name}] resuming from {self.checkpointer.path(step)}: agent step "
+                 f"{counters.iteration * self.sched.agent_steps_per_iteration:,d}, "
+                 f"{counters.iteration * self.sched.units_per_iteration:,d} {self.sched.unit} "
+                 f"(read in {time.time() - t0:.1f} s){done}")
+        return carry, counters, meta.get("with_replay", True)
+
+    def _start_logs(self, counters: Counters, resumed: bool, spec: EnvSpec):
+        trainer = self.trainer
+        units = counters.iteration * self.sched.units_per_iteration
+        has_logs = any(os.path.exists(os.path.join(self.out, f"seed_{s}")) for s in self.seeds)
+        if not resumed and has_logs:
+            self.log(f"[{trainer.name}] no checkpoint in {self.out}: starting from step 0 (the "
+                     "logs of the unfinished earlier start are cut)")
+        self._write_config(spec)
+        if self.command:
+            write_command(self.out, self.command[0], self.command[1], append=True)
+        self.loggers = [RunLogger(os.path.join(self.out, f"seed_{s}"), tensorboard=self.rc.tensorboard,
+                                  resume_step=units if (resumed or has_logs) else None)
+                        for s in self.seeds]
+
+    # -------------------------------------------------------------------- device step
+
+    def _step(self, carry, ts, n, random, counters):
+        st = self.stepper
+        return st.step(carry, st.split(ts.frame), st.split(ts.reward), st.split(ts.discount),
+                       st.split(ts.first), n=n, random=random, update_count=counters.updates,
+                       progress=counters.iteration / self.sched.iterations)
+
+    # -------------------------------------------------------------------- the loop
+
+    def _loop(self, trainer, env, eval_env, carry, ok, c: Counters) -> RunResult:
+        sched, log, name, seeds = self.sched, self.log, trainer.name, self.seeds
+        result = RunResult(status=FINISHED, config=self.config, counters=c, evals=[], carry=None,
+                           seconds=0.0, unit=sched.unit)
+        metrics = None
+        recent = [[] for _ in seeds]           # train episode returns since the last train row
+        last_returns: Optional[np.ndarray] = None
+        progress = Progress(sched.iterations * sched.units_per_iteration, unit=sched.unit,
+                            desc=f"{trainer.label} ", initial=c.iteration * sched.units_per_iteration)
+        steps = self.checkpointer.steps() if self.checkpointer else []
+        last_ckpt = steps[-1] if steps else -1          # in agent steps, as the step names
+        step_of = lambda c: c.iteration * sched.agent_steps_per_iteration  # noqa: E731
+        stop = StopRequests()
+        diverged = None
+        c.finished = False
+
+        def check(ok_flag) -> bool:
+            nonlocal diverged
+            if bool(np.all(jax.device_get(ok_flag))):
+                return True
+            diverged = _Guard.describe(metrics, seeds)
+            return False
+
+        try:
+            with stop, StallWatchdog(self.rc.stall_seconds) as watchdog:
+                while c.iteration < sched.iterations and not stop.requested:
+                    watchdog.beat()
+                    action, ok_host = jax.device_get((carry.action, ok))
+                    if not np.all(ok_host):
+                        check(ok_host)
+                        break
+                    ts = env.step(action.reshape((env.num_envs,) + action.shape[2:]))
+                    c.iteration += 1
+                    for i in np.flatnonzero(ts.last):
+                        recent[i // sched.agent_steps_per_iteration].append(float(ts.episode_return[i]))
+                    n = 0
+                    if c.iteration - c.replay_start >= sched.warmup:
+                        c.owed += sched.updates_per_iteration
+                        if c.iteration % sched.update_every == 0:
+                            n = int(c.owed + 1e-9)
+                            c.owed -= n
+                    carry, m, ok = self._step(carry, ts, n, c.iteration < sched.random_until, c)
+                    if n:
+                        c.updates += n
+                        metrics = m
+                    units = c.iteration * sched.units_per_iteration
+                    is_eval = c.iteration % sched.eval_every == 0
+                    # the last step's checkpoint is written after the final evaluation
+                    is_ckpt = c.iteration % sched.checkpoint_every == 0 and c.iteration < sched.iterations
+                    if (is_eval or is_ckpt) and not check(ok):
+                        break
+                    if c.iteration % sched.log_every == 0 and self.out:
+                        self._log_train(c, metrics, recent)
+                        recent = [[] for _ in seeds]
+                    if is_eval:
+                        watchdog.beat()
+                        last_returns = self._evaluate(eval_env, carry, c, result)
+                    if is_ckpt and self.checkpointer is not None:
+                        watchdog.beat()
+                        self._save(carry, c)
+                        last_ckpt = step_of(c)
+                    if c.iteration % 10 == 0 or c.iteration == sched.iterations:
+                        progress.update(units, eval=("-" if last_returns is None
+                                                     else np.round(last_returns, 1).tolist()),
+                                        updates=c.updates)
+        finally:
+            progress.close()
+        agent_steps = c.iteration * sched.agent_steps_per_iteration
+        where = f"agent step {agent_steps:,d} ({c.iteration * sched.units_per_iteration:,d} {sched.unit})"
+        if diverged is None:
+            check(ok)            # the last step's flag (an interrupted run's included)
+        if diverged is None and not stop.requested and c.last_eval != c.iteration:
+            last_returns = self._evaluate(eval_env, carry, c, result)
+        if diverged is not None:
+            last = (f"the last good checkpoint is {self.checkpointer.path(last_ckpt)}"
+                    if self.checkpointer and last_ckpt >= 0 else "no checkpoint was written")
+            result.status, result.exit_code = DIVERGED, EXIT_DIVERGED
+            result.message = (f"[{name}] diverged at {where}: {diverged}; stopped before a "
+                              f"non-finite action reached the environment; {last}")
+        else:
+            c.finished = c.iteration >= sched.iterations
+            if self.checkpointer is not None and last_ckpt != step_of(c):
+                self._save(carry, c)
+            if stop.requested:
+                result.status, result.exit_code = INTERRUPTED, stop.exit_code
+                saved = (f"checkpoint {self.checkpointer.path(step_of(c))}; run the same command "
+                         "to resume" if self.checkpointer else "no out_dir, nothing saved")
+                result.message = f"[{name}] interrupted at {where}: {saved}"
+            else:
+                result.message = (f"[{name}] done: {where}, {c.updates:,d} updates in "
+                                  f"{time.time() - self.t_start:.0f} s")
+        for lg in getattr(self, "loggers", []):
+            lg.close()
+        result.carry, result.seconds = carry, time.time() - self.t_start
+        log(result.message)
+        return result
+
+    def _log_train(self, c: Counters, metrics, recent):
+        host = jax.device_get(metrics) if metrics else {}
+        sched = self.sched
+        for i, lg in enumerate(self.loggers):
+            row = {"agent_steps": c.iteration * sched.agent_steps_per_iteration, "updates": c.updates,
+                   "episode_return": float(np.mean(recent[i])) if recent[i] else float("nan"),
+                   "episodes": len(recent[i])}
+            row.update({k: np.asarray(v)[i] for k, v in host.items()})
+            row["wall_seconds"] = time.time() - self.t_start
+            lg.log("train", c.iteration * sched.units_per_iteration, row)
+
+    def _evaluate(self, eval_env, carry, c: Counters, result: RunResult) -> np.ndarray:
+        t0 = time.time()
+        keys = np.stack([np.asarray(jax.random.fold_in(jax.random.PRNGKey(seed), c.iteration))
+                         for seed in self.seeds])
+        stats = self._eval_episodes(eval_env, carry.agent, keys, self.trainer.eval_frames)
+        units = c.iteration * self.sched.units_per_iteration
+        means = np.array([st["return_mean"] for st in stats])
+        result.evals.append((units, means.tolist()))
+        c.last_eval = c.iteration
+        for lg, st in zip(getattr(self, "loggers", []), stats):
+            lg.log("eval", units, {"agent_steps": c.iteration * self.sched.agent_steps_per_iteration,
+                                   **st, "eval_seconds": time.time() - t0,
+                                   "wall_seconds": time.time() - self.t_start})
+        self.log(f"[{self.trainer.name}] eval at {units:,d} {self.sched.unit}: return "
+                 f"{np.round(means, 1).tolist()} ({time.time() - t0:.0f} s)")
+        return means
+
+    def _eval_episodes(self, env, agent, keys: np.ndarray, frames: Optional[int]) -> list[dict]:
+        """Evaluation episodes on `env` (S seeds x N envs, seed-major) with the agent's "eval" acts.
+
+        frames=None: every env runs one episode; a seed's return is the mean over its N envs.
+        Else each seed runs `frames` frames over its N envs; its return is the mean of the episodes
+        completed in that budget (if none completed, of the unfinished ones, with complete=0).
+        Returns one dict per seed: return_mean, return_std, episodes, complete.
+        """
+        st, s = self.stepper, len(keys)
+        ts = env.reset()
+        stack = st.stack_init(st.split(ts.frame))
+        n = env.num_envs // s
+        done = np.zeros(env.num_envs, bool)
+        first_returns = np.zeros(env.num_envs)
+        completed = [[] for _ in range(s)]
+        used = 0
+        step = 0
+        while True:
+            if frames is None and done.all():
+                break
+            if frames is not None and used >= frames:
+                break
+            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(jnp.asarray(keys), step)
+            action = np.asarray(st.eval_act(agent, stack, step_keys))
+            ts = env.step(action.reshape((env.num_envs,) + action.shape[2:]))
+            step += 1
+            used += n * getattr(env, "frames_per_step", 1)
+            returns = ts.episode_return
+            for i in np.flatnonzero(ts.last):
+                if frames is None and not done[i]:
+                    first_returns[i] = returns[i]
+                completed[i // n].append(float(returns[i]))
+            done |= ts.last
+            stack = st.stack_push(stack, st.split(ts.frame), st.split(ts.first))
+        out = []
+        for i in range(s):
+            if frames is None:
+                r = first_returns[i * n:(i + 1) * n]
+                out.append(dict(return_mean=float(r.mean()), return_std=float(r.std()), episodes=n, complete=1))
+            elif completed[i]:
+                r = np.array(completed[i])
+                out.append(dict(return_mean=float(r.mean()), return_std=float(r.std()),
+                                episodes=len(r), complete=1))
+            else:
+                r = np.asarray(ts.episode_return)[i * n:(i + 1) * n]
+                out.append(dict(return_mean=float(r.mean()), return_std=float(r.std()), episodes=0, complete=0))
+        return out
+
+    def _save(self, carry: Carry, c: Counters):
+        meta = {"counters": dataclasses.asdict(c), "with_replay": self.rc.checkpoint_replay,
+                **_config_record(self.trainer.name, self.config, self.trainer.spec)}
+        try:
+            rep = self.checkpointer.save(c.iteration * self.sched.agent_steps_per_iteration,
+                                         checkpoint_tree(carry, self.rc.checkpoint_replay), meta)
+        except ckpt_lib.CheckpointError as err:
+            raise RunError(str(err)) from None
+        self.log(f"[{self.trainer.name}] checkpoint at agent step "
+                 f"{c.iteration * self.sched.agent_steps_per_iteration:,d}: "
+                 f"{rep.nbytes / 2**20:,.1f} MiB in {rep.seconds:.1f} s -> {rep.path}")
+
+
+def load_state(trainer_cls, run_dir: str, step: Optional[int] = None):
+    """(config, trainer, carry [S, ...], counters) of a run directory's newest readable
+    checkpoint (or `step`), read without changing the directory."""
+    record = read_config_json(run_dir)
+    if record.get("agent") != trainer_cls.name:
+        raise RunError(f"{run_dir} holds a {record.get('agent')!r} run, not {trainer_cls.name!r}")
+    config = config_flags.from_dict(trainer_cls.config_cls, record["config"])
+    spec = record["env_spec"]
+    spec = EnvSpec(**dict(spec, frame_shape=tuple(spec["frame_shape"]),
+                          action_shape=tuple(spec["action_shape"])))
+    trainer = trainer_cls(config, spec)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"), read_only=True)
+    if not checkpointer.steps():
+        raise RunError(f"{run_dir} holds no checkpoint")
+    template = carry_template(trainer, seed_keys(config.run.seeds))
+    _, tree, meta = checkpointer.restore(
+        lambda meta: checkpoint_tree(template, meta.get("with_replay", True)), step=step)
+    carry = Carry(agent=tree["agent"], replay=tree.get("replay", template.replay),
+                  stack=tree["stack"], action=tree["action"], key=tree["key"])
+    return config, trainer, carry, Counters(**meta["counters"])
+
+
+def run_status(run_dir: str) -> Optional[dict]:
+    """The host counters of a run directory's newest checkpoint (None if it has none)."""
+    meta = ckpt_lib.latest_meta(os.path.join(run_dir, "checkpoints"))
+    return None if meta is None else meta["counters"]
+
+
+def exit_with(result: RunResult):
+    """Ends a launcher: status 0 when the run finished, else the result's exit code."""
+    sys.stdout.flush()
+    if result.exit_code:
+        sys.exit(result.exit_code)
+

@@ -1,0 +1,226 @@
+"""The run loop of both agents: whole-state checkpoints that restore bit for bit and continue
+identically, resume after kill -9 (during a checkpoint write included), damaged checkpoints,
+config mismatches, the divergence guard and a replay-less resume.
+
+The launcher-level refusals of bad input are in tests/test_bad_input.py."""
+import csv
+import dataclasses
+import glob
+import os
+import signal
+import struct
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import agents
+from agents import rainbow, rainbow_train, sac, sac_train
+from flare_jax import checkpoint as ck
+from flare_jax import config_flags, loop
+from flare_jax.loop import EnvSpec
+
+STATE = EnvSpec((5,), "float32", (1,), "float32")
+CASES = {
+    "sac_state": (sac_train.SACTrainer, sac_train.TrainConfig(
+        task="cartpole_swingup", pixels=False, batch_size=8, replay_capacity=64,
+        sac=sac.SACConfig(encoder="state_flare", hidden_dim=16, augmentation="none")), STATE),
+    "sac_pixels": (sac_train.SACTrainer, sac_train.TrainConfig(
+        task="cartpole_swingup", pixels=True, batch_size=4, replay_capacity=24,
+        sac=sac.SACConfig(encoder="flare", hidden_dim=16, feature_dim=8)),
+        EnvSpec((108, 108, 3), "uint8", (1,), "float32")),
+    "rainbow_cartpole": (rainbow_train.RainbowTrainer, rainbow_train.RainbowTrainConfig(
+        game="CartPole-v1", num_envs=2, batch_size=8, replay_capacity=64, min_replay=8,
+        rainbow=rainbow.RainbowConfig(torso="mlp", head_hidden=16)),
+        EnvSpec((4,), "float32", (), "int32", 2)),
+    "rainbow_atari": (rainbow_train.RainbowTrainer, rainbow_train.RainbowTrainConfig(
+        game="pong", num_envs=1, batch_size=4, replay_capacity=32, min_replay=8,
+        rainbow=rainbow.RainbowConfig(torso="atari_flare", head_hidden=16)),
+        EnvSpec((84, 84), "uint8", (), "int32", 6)),
+}
+
+
+def _drive(stepper, carry, spec, steps, start, n):
+    """`steps` device steps on random env output (episode starts at step 0 and 5)."""
+    rng = np.random.default_rng(start)
+    s, e = stepper.num_seeds, stepper.trainer.schedule.agent_steps_per_iteration
+    for i in range(start, start + steps):
+        shape = (s, e) + spec.frame_shape
+        frame = (rng.integers(0, 256, shape) if spec.frame_dtype == "uint8"
+                 else rng.normal(size=shape)).astype(spec.frame_dtype)
+        first = np.full((s, e), i in (0, 5))
+        carry, _, ok = stepper.step(carry, frame, rng.normal(size=(s, e)).astype(np.float32),
+                                    np.ones((s, e), np.float32), first, n=n if i >= 3 else 0,
+                                    random=False, update_count=i, progress=i / 100)
+        assert bool(np.all(ok))
+    return carry
+
+
+def _assert_bitwise_equal(a, b):
+    """Same leaves (paths, dtypes, shapes, bytes); static fields (optimiser closures) aside."""
+    pa, pb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+    assert [jax.tree_util.keystr(k) for k, _ in pa] == [jax.tree_util.keystr(k) for k, _ in pb]
+    for (_, x), (_, y) in zip(pa, pb):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()
+
+
+@pytest.mark.parametrize("seeds", [(0,), (0, 1, 2)])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_checkpoint_restores_bit_for_bit_and_the_next_updates_are_identical(case, seeds, tmp_path):
+    cls, cfg, spec = CASES[case]
+    trainer = cls(config_flags.replace(cfg, seeds=seeds), spec)
+    stepper = loop.Stepper(trainer, len(seeds))
+    keys = loop.seed_keys(seeds)
+    carry = _drive(stepper, loop.init_carry(trainer, keys), spec, steps=7, start=0, n=1)
+    counters = loop.Counters(iteration=7, updates=4, owed=0.25, last_eval=5, resumes=1)
+    # leaves above 4 KiB (frames, PER trees) are written and read in slabs
+    checkpointer = ck.Checkpointer(str(tmp_path), chunk_bytes=4096)
+    checkpointer.save(7, loop.checkpoint_tree(carry, True), {"counters": dataclasses.asdict(counters)})
+    written = jax.device_get(loop.checkpoint_tree(carry, True))
+    template = loop.checkpoint_tree(loop.carry_template(trainer, keys), True)
+    step, restored, meta = checkpointer.restore(template)
+    assert step == 7 and loop.Counters(**meta["counters"]) == counters
+    _assert_bitwise_equal(restored, written)     # agent, replay (+ PER), stacks, actions, keys
+    # the next K=3 steps with updates (sampling from the restored replay, restored keys)
+    original = jax.device_get(_drive(stepper, carry, spec, steps=3, start=7, n=1))
+    again = loop.Carry(agent=restored["agent"], replay=restored["replay"], stack=restored["stack"],
+                       action=restored["action"], key=restored["key"])
+    again = jax.device_get(_drive(stepper, again, spec, steps=3, start=7, n=1))
+    _assert_bitwise_equal(again, original)
+    assert int(np.asarray(original.agent.updates).reshape(-1)[0]) >= 4 + 3
+
+
+# ------------------------------------------------------------------ kill -9 and resume (launcher)
+
+_ARGS = ["--preset=state", "--task=cartpole_swingup", "--env_steps=640", "--init_steps=20",
+         "--eval_every=10", "--eval_episodes=1", "--batch_size=32", "--replay_capacity=500",
+         "--hidden_dim=32", "--max_episode_steps=160", "--log_every=10", "--stall_seconds=300"]
+_EVAL_STEPS = [80 * k for k in range(1, 9)]      # env steps: every 10 agent steps x 8
+
+
+def _env(**extra):
+    return dict(os.environ, FLARE_JAX_TCMALLOC="0", PYTHONUNBUFFERED="1", **extra)
+
+
+def _launch(out_dir, *extra, env=None):
+    return subprocess.Popen([sys.executable, "-m", "experiments.train_sac", *_ARGS,
+                             f"--out_dir={out_dir}", *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env or _env())
+
+
+def _run_until(proc, marker: str, then=signal.SIGKILL) -> str:
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            proc.send_signal(then)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    return "".join(seen) + rest
+
+
+def _steps(path):
+    with open(path) as f:
+        return [int(r["step"]) for r in csv.DictReader(f)]
+
+
+def _tensorboard_steps(tb_dir, tag):
+    """The steps of `tag` as TensorBoard shows them: events in file order, each file's purge
+    event (SessionLog START at step p) dropping the earlier events with step >= p."""
+    from tensorboardX.proto import event_pb2
+    kept = []
+    for path in sorted(glob.glob(os.path.join(tb_dir, "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+                kept = [s for s in kept if s < event.step]
+            for v in event.summary.value:
+                if v.tag == tag:
+                    kept.append(event.step)
+    return kept
+
+
+def test_killed_runs_resume_from_their_last_complete_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    # 1. kill -9 while starting (before any checkpoint): the next start begins at step 0
+    log1 = _run_until(_launch(out), "[sac] replay")
+    # 2. SIGTERM after some evaluations: a checkpoint, exit 143, no "final" line
+    proc = _launch(out)
+    log2 = _run_until(proc, "checkpoint at agent step 20", then=signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM, log2[-3000:]
+    assert "[sac] replay" in log1 and "resuming from" not in log2     # 1 left no checkpoint
+    assert "interrupted at agent step" in log2 and "final evaluation" not in log2
+    # 3. kill -9 mid-run, just after a checkpoint was written
+    log3 = _run_until(_launch(out), "checkpoint at agent step 40")
+    assert "resuming from" in log3
+    # 4. kill -9 inside the second checkpoint write of this process (after its first slab)
+    proc = _launch(out, env=_env(**{ck.KILL_DURING_SAVE_ENV: "2"}))
+    log4, _ = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, log4[-3000:]
+    assert glob.glob(str(out / "checkpoints" / "*.orbax-checkpoint-tmp*")), "no unfinished write"
+    # 5. the same command again: resumes from the last complete checkpoint and finishes
+    proc = _launch(out)
+    log5, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log5[-3000:]
+    assert "resuming from" in log5 and "final evaluation at 640 env steps" in log5
+    assert _steps(out / "seed_0" / "eval.csv") == _EVAL_STEPS            # each once, in order
+    assert _tensorboard_steps(str(out / "seed_0" / "tb"), "eval/return_mean") == _EVAL_STEPS
+    train = _steps(out / "seed_0" / "train.csv")
+    assert train == sorted(set(train)) and train[-1] == 640
+    assert not glob.glob(str(out / "checkpoints" / "*tmp*"))
+    status = loop.run_status(str(out))
+    assert status["finished"] and status["iteration"] == 80 and status["resumes"] >= 3
+
+    # a damaged newest checkpoint: a longer run falls back to the previous one, with a warning
+    newest = max(int(d) for d in os.listdir(out / "checkpoints") if d.isdigit())
+    with open(out / "checkpoints" / str(newest) / "arrays" / "arrays.bin", "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xfe\xfd")
+    proc = _launch(out, "--env_steps=720")
+    log6, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log6[-3000:]
+    assert f"checkpoint {out / 'checkpoints' / str(newest)} is unreadable" in log6
+    assert f"resuming from {out / 'checkpoints' / str(newest - 10)}" in log6
+    assert _steps(out / "seed_0" / "eval.csv") == _EVAL_STEPS + [720]
+
+    # another config on the same out_dir is refused, naming the field
+    proc = _launch(out, "--encoder=state_position", "--env_steps=720")
+    log7, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in log7
+    assert "encoder: 'state_full' (checkpoint) vs 'state_position' (command)" in log7
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = _launch(out, "--critic_lr=1e30", "--actor_lr=1e30", "--checkpoint_every=10")
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == loop.EXIT_DIVERGED, log[-3000:]
+    assert "Traceback" not in log and "action contains NaN" not in log
+    line = [l for l in log.splitlines() if "diverged at agent step" in l]
+    assert len(line) == 1 and "for seed 0" in line[0] and "last good checkpoint" in line[0]
+    # every checkpoint on disk holds finite parameters, and the newest loads
+    config, state = agents.load_run(str(out), seed=0)
+    assert config.sac.critic_lr == 1e30
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.agent))
+
+
+def test_a_resume_without_the_replay_refills_it_first(tmp_path):
+    from tests.test_sac_train import state_config
+    half = config_flags.replace(state_config(str(tmp_path)), env_steps=8 * 30, checkpoint_replay=False)
+    first = sac_train.train(half, log=None)
+    assert first.counters.updates == 30 - 20 + 1
+    lines = []
+    second = sac_train.train(config_flags.replace(half, env_steps=8 * 60), log=lines.append)
+    assert any("holds no replay" in l for l in lines)
+    # learning waits for init_steps new transitions after the resume: iterations 50..60
+    assert second.status == "finished" and second.counters.updates == 11 + 11
+    assert _steps(tmp_path / "seed_3" / "eval.csv") == [240, 480]
