@@ -531,55 +531,74 @@ def _checkpoint_case(name):
 
 @benchmark
 def checkpoint():
-    """Save and restore the whole state of a run with a full replay (frames not all zero)."""
+    """Save and restore the whole state of a run with a full replay (frames not all zero); each
+    case in a process of its own, so that one case's freed memory does not count in the next."""
+    if not FLAGS.json:
+        from flare_jax.checkpoint import CHUNK_BYTES  # pylint: disable=g-import-not-at-top
+        print(f"checkpoint: backend {jax.default_backend()}, one seed, slabs of {CHUNK_BYTES >> 20} "
+              "MiB; host RAM = anonymous RSS of the process (page cache excluded)", flush=True)
+    if len(FLAGS.checkpoint_cases) > 1:
+        for name in FLAGS.checkpoint_cases:
+            rows = _rerun_self("checkpoint", {}, [f"--checkpoint_cases={name}"] + (
+                [f"--checkpoint_dir={FLAGS.checkpoint_dir}"] if FLAGS.checkpoint_dir else []))
+            for r in rows:
+                _print_checkpoint(r)
+        return
     import shutil  # pylint: disable=g-import-not-at-top
     import tempfile  # pylint: disable=g-import-not-at-top
     from flare_jax import checkpoint as ck  # pylint: disable=g-import-not-at-top
     from flare_jax import loop  # pylint: disable=g-import-not-at-top
     from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
-    print(f"checkpoint: backend {jax.default_backend()}, slabs of {ck.CHUNK_BYTES >> 20} MiB; one "
-          "seed; extra host RAM = peak anonymous RSS during the call minus before it")
-    for name in FLAGS.checkpoint_cases:
-        cls, cfg, spec = _checkpoint_case(name)
-        trainer = cls(cfg, spec)
-        keys = loop.seed_keys((0,))
-        need = ck.tree_nbytes(loop.checkpoint_tree(loop.carry_template(trainer, keys), True))
-        rp.check_memory(2 * need, f"{name}: the state and its restored copy")
-        carry = loop.init_carry(trainer, keys)
-        # a full replay: every slot written, frames a byte pattern (not a lazily zeroed page)
-        fill = jax.jit(lambda f: (jax.lax.broadcasted_iota(jnp.uint8, f.shape, f.ndim - 2)
-                                  * jnp.uint8(7) + jax.lax.broadcasted_iota(jnp.uint8, f.shape, 1)),
-                       donate_argnums=0)
-        replay = carry.replay
-        inner = replay.replay if hasattr(replay, "replay") else replay
-        inner = inner.replace(frames=fill(inner.frames), count=jnp.full_like(inner.count, inner.frames.shape[2]))
-        carry = carry.replace(replay=replay.replace(replay=inner) if hasattr(replay, "replay") else inner)
-        tree = loop.checkpoint_tree(jax.block_until_ready(carry), True)
-        root = FLAGS.checkpoint_dir or tempfile.mkdtemp(prefix="flare_jax_bench_ckpt_", dir=".")
-        try:
-            checkpointer = ck.Checkpointer(os.path.join(root, name), keep=1)
-            with _PeakMemory() as save_mem:
-                rep = checkpointer.save(1, tree, {"bench": name})
-            disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(rep.path) for f in fs)
-            template = jax.eval_shape(lambda: tree)
-            del tree, carry, replay, inner
-            t0 = time.perf_counter()
-            with _PeakMemory() as restore_mem:
-                _, restored, _ = checkpointer.restore(template)
-                jax.block_until_ready(restored)
-            t_restore = time.perf_counter() - t0
-            del restored
-        finally:
-            if FLAGS.checkpoint_dir is None:
-                shutil.rmtree(root, ignore_errors=True)
-        _emit(dict(bench="checkpoint", case=name, state_bytes=rep.nbytes, disk_bytes=disk,
-                   save_s=rep.seconds, restore_s=t_restore, save_extra_rss=save_mem.extra,
-                   restore_extra_rss=restore_mem.extra))
-        print(f"  {name}: state {rep.nbytes / 2**30:.2f} GiB, on disk {disk / 2**30:.2f} GiB; save "
-              f"{rep.seconds:.1f} s ({rep.nbytes / 2**30 / rep.seconds:.2f} GiB/s, checksums "
-              f"included), extra host RAM {save_mem.extra / 2**20:,.0f} MiB; restore {t_restore:.1f} s, "
-              f"extra host RAM {restore_mem.extra / 2**30:.2f} GiB (the restored state itself: "
-              f"{rep.nbytes / 2**30:.2f} GiB)", flush=True)
+    name = FLAGS.checkpoint_cases[0]
+    cls, cfg, spec = _checkpoint_case(name)
+    trainer = cls(cfg, spec)
+    keys = loop.seed_keys((0,))
+    need = ck.tree_nbytes(loop.checkpoint_tree(loop.carry_template(trainer, keys), True))
+    rp.check_memory(need, f"{name}: the state")
+    before_state = _anon_rss()
+    carry = loop.init_carry(trainer, keys)
+    # a full replay: every slot written, frames a byte pattern (not lazily zeroed pages)
+    fill = jax.jit(lambda f: f + (jax.lax.broadcasted_iota(jnp.uint8, f.shape, f.ndim - 2) * jnp.uint8(7)
+                                  + jax.lax.broadcasted_iota(jnp.uint8, f.shape, 1)), donate_argnums=0)
+    per_tree = hasattr(carry.replay, "replay")
+    inner = carry.replay.replay if per_tree else carry.replay
+    inner = inner.replace(frames=fill(inner.frames),
+                          count=jnp.full_like(inner.count, inner.frames.shape[2]))
+    carry = carry.replace(replay=carry.replay.replace(replay=inner) if per_tree else inner)
+    tree = loop.checkpoint_tree(jax.block_until_ready(carry), True)
+    del inner, carry
+    root = FLAGS.checkpoint_dir or tempfile.mkdtemp(prefix="flare_jax_bench_ckpt_", dir=".")
+    try:
+        checkpointer = ck.Checkpointer(os.path.join(root, name), keep=1)
+        with _PeakMemory() as save_mem:
+            rep = checkpointer.save(1, tree, {"bench": name})
+        disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(rep.path) for f in fs)
+        template = jax.eval_shape(lambda: tree)
+        del tree
+        t0 = time.perf_counter()
+        with _PeakMemory() as restore_mem:
+            _, restored, _ = checkpointer.restore(template)
+            jax.block_until_ready(restored)
+        t_restore = time.perf_counter() - t0
+        del restored
+    finally:
+        if FLAGS.checkpoint_dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    record = dict(bench="checkpoint", case=name, state_bytes=rep.nbytes, disk_bytes=disk,
+                  save_s=rep.seconds, restore_s=t_restore, save_extra_rss=save_mem.extra,
+                  restore_peak_rss=restore_mem.peak - before_state, backend=jax.default_backend())
+    _emit(record)
+    if not FLAGS.json:
+        _print_checkpoint(record)
+
+
+def _print_checkpoint(r):
+    gib = 2 ** 30
+    print(f"  {r['case']}: state {r['state_bytes'] / gib:.2f} GiB, on disk {r['disk_bytes'] / gib:.2f} "
+          f"GiB; save {r['save_s']:.1f} s ({r['state_bytes'] / gib / r['save_s']:.2f} GiB/s, "
+          f"checksums included) with {r['save_extra_rss'] / 2**20:,.0f} MiB of host RAM beyond the "
+          f"state; restore {r['restore_s']:.1f} s, holding {r['restore_peak_rss'] / gib:.2f} GiB of "
+          f"host RAM at its peak (the restored state: {r['state_bytes'] / gib:.2f} GiB)", flush=True)
 
 
 def main(argv):

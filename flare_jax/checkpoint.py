@@ -15,7 +15,7 @@ One orbax `CheckpointManager` step per save, `<directory>/<step>/`, with two ite
 
 Atomic: orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it when complete,
 so a process killed during a save leaves the previous steps untouched and the unfinished one is
-never listed (it is removed when the next `Checkpointer` opens the directory). Verified on
+never listed (it is deleted when the next `Checkpointer` opens the directory). Verified on
 restore: every leaf's size and CRC32 are compared with those written; a step that fails (a
 damaged or missing file) is reported through `warn`, moved aside to `<step>.corrupt-<time>` and
 the previous step is tried. Saves are synchronous (no async save reading arrays that a donating
@@ -93,11 +93,22 @@ def _read_slab(x: jax.Array, start, size) -> np.ndarray:
 
 
 def _write_slab(x: jax.Array, slab: np.ndarray, start) -> jax.Array:
+    """x with `slab` written at `start` (x donated: updated in place)."""
     fn = _WRITERS.get(slab.shape)
     if fn is None:
         fn = _WRITERS[slab.shape] = jax.jit(
             lambda a, b, s: jax.lax.dynamic_update_slice(a, b, s), donate_argnums=0)
     return fn(x, slab, jnp.asarray(start, jnp.int32) if start else ())
+
+
+def _new_with_slab(shape, dtype, slab: np.ndarray, start) -> jax.Array:
+    """A new array of zeros with `slab` written at `start`, made by one program (one buffer)."""
+    key = (tuple(shape), np.dtype(dtype).name, slab.shape)
+    fn = _WRITERS.get(key)
+    if fn is None:
+        fn = _WRITERS[key] = jax.jit(lambda b, s: jax.lax.dynamic_update_slice(
+            jnp.zeros(shape, dtype), b, s))
+    return fn(slab, jnp.asarray(start, jnp.int32) if start else ())
 
 
 _READERS: dict = {}
@@ -122,8 +133,11 @@ class StreamedArraysHandler(ocp.CheckpointHandler):
         if x.nbytes <= self.chunk_bytes:
             yield (0,) * x.ndim, np.asarray(x)
             return
+        # a CPU array is host memory already: numpy views of it, no copy; else device slices
+        view = np.asarray(x) if all(d.platform == "cpu" for d in x.devices()) else None
         for start, size in _slabs(x.shape, x.dtype.itemsize, self.chunk_bytes):
-            yield start, _read_slab(x, start, size)
+            yield start, (view[tuple(slice(s, s + n) for s, n in zip(start, size))]
+                          if view is not None else _read_slab(x, start, size))
 
     def save(self, directory, args: "StreamedSave"):
         index, offset = {}, 0
@@ -165,11 +179,12 @@ class StreamedArraysHandler(ocp.CheckpointHandler):
                 host = np.array(leaf)
                 crc, arr = _crc(host), jnp.asarray(host)
             else:
-                arr, crc = jnp.zeros(shape, dtype), 0
+                arr, crc = None, 0
                 for start, sz in _slabs(shape, dtype.itemsize, self.chunk_bytes):
                     slab = np.array(leaf[tuple(slice(s, s + n) for s, n in zip(start, sz))])
                     crc = _crc(slab, crc)
-                    arr = _write_slab(arr, slab, start)
+                    arr = (_new_with_slab(shape, dtype, slab, start) if arr is None
+                           else _write_slab(arr, slab, start))
             if crc != entry["crc32"]:
                 raise CheckpointError(f"{path}: leaf {name}: checksum mismatch")
             out[name] = arr
@@ -242,12 +257,20 @@ class Checkpointer:
         self._stream = StreamedArraysHandler(chunk_bytes)
         self._saves = 0
         self.read_only = read_only
+        if not read_only and os.path.isdir(self.directory):
+            self._remove_unfinished()           # of a killed process
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=not read_only, enable_async_checkpointing=False,
             cleanup_tmp_directories=not read_only, read_only=read_only)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"arrays": self._stream, "meta": ocp.JsonCheckpointHandler()})
+
+    def _remove_unfinished(self, prefix: str = ""):
+        """Deletes the temporary directories of saves that did not complete."""
+        for name in os.listdir(self.directory):
+            if name.startswith(prefix) and ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def steps(self) -> list[int]:
         """The complete steps on disk, oldest first."""
@@ -276,9 +299,7 @@ class Checkpointer:
         self._saves += 1
         self._stream.kill_after_first_slab = os.environ.get(KILL_DURING_SAVE_ENV) == str(self._saves)
         full_meta = dict(meta or {}, _format=_FORMAT, _names=names, _specs=[_spec(x) for x in leaves])
-        for name in os.listdir(self.directory):   # an unfinished save of this step (Ctrl-C)
-            if name.startswith(f"{step}.orbax-checkpoint-tmp"):
-                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        self._remove_unfinished(f"{step}.")     # of this step: a save cut by Ctrl-C
         arrays = {f"{i:05d}": x for i, x in enumerate(leaves)}
         self._manager.save(step, args=ocp.args.Composite(
             arrays=StreamedSave(arrays), meta=ocp.args.JsonSave(full_meta)), force=True)
