@@ -4,10 +4,10 @@ step -> evaluations, logs, checkpoints; resumable, guarded, for S seeds at once.
     result = loop.run(SACTrainer, config)        # or RainbowTrainer; agents/ define them
 
 An agent gives the loop a `Trainer`: its environments and pure per-seed device functions
-(`init_agent`, `init_replay`, `observe`, `learn`, `act`, `stack_init`). The loop writes the device
-step once for every agent,
+(`init_agent`, `init_replay`, `store`, `add`, `stack_init`, `stack_push`, `learn`, `act`). The
+loop writes the device step once for every agent (`Stepper`),
 
-    observe(frame, reward, discount, first) -> [n x (sample -> update), `learn`] -> act,
+    store frames -> add to the replay, push on the stacks -> n x (sample -> update) -> act,
 
 `jax.vmap`s it over a leading seed axis S (every seed has its own agent, replay, stacks, keys and
 envs; no communication), jits it (the carry donated) and calls it once per loop iteration. The
@@ -22,7 +22,7 @@ agent steps x action repeat for DMC, "frames" = agent steps x 4 for Atari) per s
 
 Checkpoints (`flare_jax.checkpoint`) bundle the whole carry (agent, replay with PER trees, frame
 stacks, last actions, PRNG keys; the replay only with `checkpoint_replay`), the host counters
-(`Counters`) and the config under `<out_dir>/checkpoints/<iteration>`. A run whose out_dir holds
+(`Counters`) and the config under `<out_dir>/checkpoints/<agent step>`. A run whose out_dir holds
 one resumes from the newest readable one: the config must match (`Trainer.resumable` fields may
 differ, e.g. the budget), the logs are cut back to its step, the envs start new episodes (their
 internal state is not saved; env seeds move on with `Counters.resumes`), and the device state
@@ -51,7 +51,7 @@ from flax import struct
 from flare_jax import checkpoint as ckpt_lib
 from flare_jax import config_flags
 from flare_jax import replay as rp
-from flare_jax.logging import Progress, RunLogger, truncate_csvs, write_command
+from flare_jax.logging import Progress, RunLogger, write_command
 from flare_jax.runtime import RunDirLock, StallWatchdog, StopRequests
 
 Array = jax.Array
@@ -127,10 +127,6 @@ class Schedule:
             if getattr(self, name) < 1:
                 raise ValueError(f"schedule: {name} must be >= 1, got {getattr(self, name)}")
 
-    def iterations_of(self, agent_steps: int) -> int:
-        """Agent steps (per seed) -> iterations, rounded up."""
-        return -(-int(agent_steps) // self.agent_steps_per_iteration)
-
 
 def agent_steps_cadence(agent_steps: Optional[int], per_iteration: int, default: int) -> int:
     """A cadence given in agent steps (None: `default` iterations) -> iterations (>= 1)."""
@@ -171,8 +167,9 @@ class Trainer(abc.ABC):
 
     Subclasses are built as `Trainer(config, spec)` and set `schedule`, `eval_frames` (None: one
     deterministic episode per eval env; else a frame budget per seed, DQN Zoo style),
-    `replay_nbytes` and `replay_summary` (one seed's replay in device memory); the class sets
-    `name` and `resumable` (config leaf names that may differ on resume, e.g. the budget).
+    `replay_nbytes` and `replay_summary` (one seed's replay in device memory) and `label`; the
+    class sets `name`, `config_cls` (its config dataclass) and `resumable` (config leaf names
+    that may differ on resume, e.g. the budget).
     Env output reaches the device functions in the env's format; `store` turns a frame into the
     storage format of the replay and the stacks.
     """
@@ -410,20 +407,15 @@ def check_resume(run_dir: str, trainer_name: str, config, resumable: tuple[str, 
                        "--resume=false with an empty one")
 
 
-class _Guard:
-    """Finds the first non-finite metric of a diverged step (host side, rare)."""
-
-    @staticmethod
-    def describe(metrics: Optional[dict], seeds: tuple[int, ...]) -> str:
-        if metrics:
-            host = jax.device_get(metrics)
-            for name, values in host.items():
-                values = np.asarray(values).reshape(len(seeds), -1)
-                bad = ~np.isfinite(values).all(axis=1)
-                if bad.any():
-                    i = int(np.argmax(bad))
-                    return f"{name} is {values[i][~np.isfinite(values[i])][0]} for seed {seeds[i]}"
-        return "the actions are not finite"
+def _first_nonfinite(metrics: Optional[dict], seeds: tuple[int, ...]) -> str:
+    """The first non-finite metric of a diverged step, and its seed (host side, rare)."""
+    for name, values in (jax.device_get(metrics) or {}).items():
+        values = np.asarray(values).reshape(len(seeds), -1)
+        bad = ~np.isfinite(values).all(axis=1)
+        if bad.any():
+            i = int(np.argmax(bad))
+            return f"{name} is {values[i][~np.isfinite(values[i])][0]} for seed {seeds[i]}"
+    return "the actions are not finite"
 
 
 def run(trainer_cls, config, log: Optional[Callable[[str], None]] = print,
@@ -600,7 +592,7 @@ class _Run:
             nonlocal diverged
             if bool(np.all(jax.device_get(ok_flag))):
                 return True
-            diverged = _Guard.describe(metrics, seeds)
+            diverged = _first_nonfinite(metrics, seeds)
             return False
 
         try:
