@@ -441,11 +441,11 @@ def rainbow():
     # component costs per iteration of the loop (num_envs agent steps)
     from flare_jax.envs.atari import AtariEnv  # pylint: disable=g-import-not-at-top
     env = AtariEnv("pong", num_envs=FLAGS.rainbow_envs, seed=0)
-    ts = env.reset()
+    env.reset()
     acts = np.zeros(FLAGS.rainbow_envs, np.int32)
     t = time.perf_counter()
     for _ in range(200):
-        ts = env.step(acts)
+        env.step(acts)
     t_env = (time.perf_counter() - t) / 200
     agent = rb.init(key, jax.ShapeDtypeStruct((4, 84, 84, 1), jnp.uint8), env.num_actions,
                     rb.RainbowConfig())
@@ -573,7 +573,7 @@ def checkpoint():
         with _PeakMemory() as save_mem:
             rep = checkpointer.save(1, tree, {"bench": name})
         disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(rep.path) for f in fs)
-        template = jax.eval_shape(lambda: tree)
+        template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
         del tree
         t0 = time.perf_counter()
         with _PeakMemory() as restore_mem:

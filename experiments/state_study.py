@@ -24,7 +24,6 @@ study runs in it.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import os
 import signal
 import subprocess

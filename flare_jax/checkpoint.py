@@ -33,7 +33,7 @@ import shutil
 import signal
 import time
 import zlib
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp

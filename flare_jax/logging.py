@@ -7,7 +7,6 @@ TensorBoard under `<kind>/<name>`.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shlex
 import sys
