@@ -49,7 +49,8 @@ CASES = {
     # 8 seeds x 150M transitions of 5 floats (33 bytes a slot): ~40 GB, on a 24 GB machine
     "replay_does_not_fit_for_all_seeds": (SAC, STATE + ["--seeds=0,1,2,3,4,5,6,7",
                                                         "--replay_capacity=150000000",
-                                                        "--eval_episodes=1"], ["does not fit", "x 8 seed(s)"]),
+                                                        "--eval_episodes=1", "--out_dir={tmp}/run"],
+                                          ["does not fit", "x 8 seed(s)"]),
     "study_unknown_variant": (STUDY, ["--tasks=cartpole_swingup", "--variants=velocity_only",
                                       "--out_dir={tmp}/study"], ["unknown variant 'velocity_only'",
                                                                  "state_recurrent"]),

@@ -1,0 +1,37 @@
+"""The launchers' flags come from the config dataclasses with the preset's values as defaults."""
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from experiments import presets
+from flare_jax import config_flags
+
+
+@pytest.mark.parametrize("module,preset,flag,value", [
+    ("experiments.train_sac", "flare_paper", "hidden_dim", "1024"),   # = SACConfig's default
+    ("experiments.train_sac", "state", "hidden_dim", "256"),
+    ("experiments.train_sac", "state", "encoder", "state_full"),
+    ("experiments.train_rainbow", "atari", "frames", "100000000"),
+    ("experiments.train_rainbow", "cartpole", "frames", "30000"),
+    ("experiments.train_rainbow", "cartpole", "torso", "mlp"),
+])
+def test_helpfull_shows_the_presets_values(module, preset, flag, value):
+    out = subprocess.run([sys.executable, "-m", module, f"--preset={preset}", "--helpfull"],
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, FLARE_JAX_TCMALLOC="0"))
+    text = out.stdout + out.stderr
+    m = re.search(rf"\n  --(?:\[no\])?{flag}:.*?\(default: '([^']*)'\)", text, re.S)
+    assert m and m.group(1) == value, text[-2000:]
+
+
+def test_presets_are_configs_whose_flags_round_trip():
+    for table in (presets.SAC_PRESETS, presets.RAINBOW_PRESETS):
+        for name, cfg in table.items():
+            again = config_flags.from_dict(type(cfg), config_flags.to_dict(cfg))
+            assert again == cfg, name
+            assert dataclasses.is_dataclass(cfg)
+    assert presets.SAC_PRESETS["flare_paper"] == type(presets.SAC_PRESETS["flare_paper"])()
