@@ -28,16 +28,14 @@ def flag_from_argv(name: str, default: str, argv: Sequence[str] = None) -> str:
 
 
 def define_preset_flags(presets: dict, default: str, exclude: Sequence[str] = ()):
-    """Defines --preset and one flag per config field, with the chosen preset's values as
-    defaults. Returns (preset name, preset config); an unknown name falls back to `default`
-    here and is refused by `preset_config` in main."""
+    """Defines --preset and one flag per config field, with the values of the preset named on
+    the command line as defaults (an unknown name falls back to `default` here and is refused
+    when main builds the config)."""
     flags.DEFINE_string("preset", default, f"one of {', '.join(sorted(presets))}; its values are "
                         "the defaults of the other flags (--preset=NAME --helpfull shows them)")
     flags.disclaim_key_flags()   # the flags belong to the launcher calling this (its --help)
     name = flag_from_argv("preset", default)
-    preset = presets.get(name, presets[default])
-    config_flags.define_flags(preset, exclude=exclude)
-    return name, preset
+    config_flags.define_flags(presets.get(name, presets[default]), exclude=exclude)
 
 
 def train(trainer_cls, config, module: str):

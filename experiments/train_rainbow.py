@@ -20,7 +20,7 @@ from experiments import cli, presets
 from flare_jax import config_flags
 
 FLAGS = flags.FLAGS
-PRESET_NAME, PRESET = cli.define_preset_flags(presets.RAINBOW_PRESETS, "atari")
+cli.define_preset_flags(presets.RAINBOW_PRESETS, "atari")
 
 
 def build_config():

@@ -19,7 +19,7 @@ from experiments import cli, presets
 from flare_jax import config_flags
 
 FLAGS = flags.FLAGS
-PRESET_NAME, PRESET = cli.define_preset_flags(presets.SAC_PRESETS, "flare_paper")
+cli.define_preset_flags(presets.SAC_PRESETS, "flare_paper")
 
 
 def build_config():
