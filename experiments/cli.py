@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import contextlib
 from typing import Callable, Sequence
 
 from absl import app, flags
@@ -11,8 +12,24 @@ from absl import logging as absl_logging
 
 from flare_jax import checkpoint, config_flags, loop, runtime
 
-# What a user can cause: reported in one line, without a traceback, and exit status 2.
-USER_ERRORS = (ValueError, MemoryError, loop.RunError, runtime.RunDirBusy, checkpoint.CheckpointError)
+
+
+class UserError(Exception):
+    """Bad input (flags, files): reported in one line, without a traceback, exit status 2."""
+
+
+# What a user can cause. A ValueError counts only where `bad_input` says so (building configs
+# from flags, reading given files): one raised by a bug while training keeps its traceback.
+USER_ERRORS = (UserError, loop.RunError, runtime.RunDirBusy, checkpoint.CheckpointError)
+
+
+@contextlib.contextmanager
+def bad_input():
+    """Turns the ValueErrors of the block (config validation) into UserErrors."""
+    try:
+        yield
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
 
 def flag_from_argv(name: str, default: str, argv: Sequence[str] = None) -> str:

@@ -19,6 +19,8 @@ from absl import flags
 
 import numpy as np
 
+from experiments import cli
+
 FLAGS = flags.FLAGS
 
 
@@ -114,14 +116,15 @@ def write_report(run_dir: str, out: str, title: str = "") -> str:
 def main(argv):
     del argv
     if not FLAGS.run_dir or not FLAGS.out:
-        raise ValueError("--run_dir and --out are required")
-    try:
-        print(write_report(FLAGS.run_dir, FLAGS.out, FLAGS.title))
-    except FileNotFoundError as err:
-        raise ValueError(str(err)) from None
+        raise cli.UserError("--run_dir and --out are required")
+    with cli.bad_input():
+        try:
+            text = write_report(FLAGS.run_dir, FLAGS.out, FLAGS.title)
+        except FileNotFoundError as err:
+            raise ValueError(str(err)) from None
+    print(text)
 
 
 if __name__ == "__main__":
-    from experiments import cli  # pylint: disable=g-import-not-at-top
     _define_flags()
     cli.run_main(main)

@@ -122,7 +122,7 @@ def _run_child(task, variant, seeds, env_steps, evals, eval_episodes, out_dir, l
         if code == 0:
             return
         if code == 2:      # refused its input: running it again cannot help
-            raise ValueError(f"{task} {variant}: the run refused its settings (see above)")
+            raise loop.RunError(f"{task} {variant}: the run refused its settings (see above)")
         if (code < 0 and -code in (signal.SIGINT, signal.SIGTERM)) or code in (130, 143):
             raise KeyboardInterrupt
         if code == loop.EXIT_DIVERGED:
@@ -144,9 +144,8 @@ def run_study(configs, log=print, in_process: bool = True, sizes=None):
         log(f"[study] {n}/{total} {task} {variant} ({len(cfg.run.seeds)} seeds vmapped), "
             f"{(time.time() - t0) / 60:.1f} min so far")
         if in_process:
-            result = sac_train.train(cfg, log=log)
+            result = sac_train.train(cfg, log=log)      # it logs how it ended
             if result.status != loop.FINISHED:
-                log(result.message)
                 sys.exit(result.exit_code)
         else:
             _run_child(task, variant, cfg.run.seeds, *sizes, log)
@@ -228,9 +227,10 @@ def summarise(tasks, variants, out_dir, title="") -> tuple[str, str]:
 def main(argv):
     del argv
     # every run's config first: bad flags are refused before anything starts
-    configs = [study_config(task, variant, FLAGS.seeds, FLAGS.env_steps, FLAGS.evals,
-                            FLAGS.eval_episodes, os.path.join(FLAGS.out_dir, task, variant))
-               for task in FLAGS.tasks for variant in FLAGS.variants]
+    with cli.bad_input():
+        configs = [study_config(task, variant, FLAGS.seeds, FLAGS.env_steps, FLAGS.evals,
+                                FLAGS.eval_episodes, os.path.join(FLAGS.out_dir, task, variant))
+                   for task in FLAGS.tasks for variant in FLAGS.variants]
     sizes = (FLAGS.env_steps, FLAGS.evals, FLAGS.eval_episodes, FLAGS.out_dir)
     if FLAGS.in_process and os.environ.get(_CHILD_ENV) == "1":
         # a child of run_study: train one (task, variant), the parent reports

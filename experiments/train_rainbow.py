@@ -34,7 +34,9 @@ def build_config():
 def main(argv):
     del argv
     from agents import rainbow_train  # pylint: disable=g-import-not-at-top
-    cli.train(rainbow_train.RainbowTrainer, build_config(), "experiments.train_rainbow")
+    with cli.bad_input():
+        config = build_config()
+    cli.train(rainbow_train.RainbowTrainer, config, "experiments.train_rainbow")
 
 
 if __name__ == "__main__":

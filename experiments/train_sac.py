@@ -38,7 +38,9 @@ def build_config():
 def main(argv):
     del argv
     from agents import sac_train  # pylint: disable=g-import-not-at-top
-    cli.train(sac_train.SACTrainer, build_config(), "experiments.train_sac")
+    with cli.bad_input():
+        config = build_config()
+    cli.train(sac_train.SACTrainer, config, "experiments.train_sac")
 
 
 if __name__ == "__main__":

@@ -260,8 +260,9 @@ class Checkpointer:
         if not read_only and os.path.isdir(self.directory):
             self._remove_unfinished()           # of a killed process
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=None if read_only else keep, create=not read_only, enable_async_checkpointing=False,
-            cleanup_tmp_directories=not read_only, read_only=read_only)
+            max_to_keep=None if read_only else keep, create=not read_only,
+            enable_async_checkpointing=False, cleanup_tmp_directories=not read_only,
+            read_only=read_only)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"arrays": self._stream, "meta": ocp.JsonCheckpointHandler()})

@@ -35,3 +35,20 @@ def test_presets_are_configs_whose_flags_round_trip():
             assert again == cfg, name
             assert dataclasses.is_dataclass(cfg)
     assert presets.SAC_PRESETS["flare_paper"] == type(presets.SAC_PRESETS["flare_paper"])()
+
+
+def test_only_bad_input_is_reported_in_one_line_a_bug_keeps_its_traceback():
+    code = ("import os\nfrom experiments import cli\n"
+            "def main(argv):\n"
+            "    with cli.bad_input():\n"
+            "        if os.environ['CASE'] == 'input':\n"
+            "            raise ValueError('lr must be > 0')\n"
+            "    raise ValueError('a bug while training')\n"
+            "cli.run_main(main)\n")
+    run = lambda case: subprocess.run([sys.executable, "-c", code], capture_output=True,  # noqa: E731
+                                      text=True, timeout=300, env=dict(os.environ, CASE=case))
+    bad = run("input")
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("error: lr must be > 0")
+    assert "Traceback" not in bad.stderr
+    bug = run("bug")
+    assert bug.returncode not in (0, 2) and "Traceback" in bug.stderr and "a bug while training" in bug.stderr
