@@ -18,8 +18,9 @@ def load_run(run_dir: str, seed: Optional[int] = None, step: Optional[int] = Non
     """(config, state) of a run directory's newest readable checkpoint (or `step`).
 
     config: the run's TrainConfig / RainbowTrainConfig (from config.json); state: the
-    `flare_jax.loop.Carry` (agent, replay, stacks, actions, key) of `seed`, or of all seeds with
-    a leading seed axis when seed is None. The directory is only read.
+    `flare_jax.loop.Carry` of `seed`: agent and key, and the replay, stacks [D, E / D, T, ...]
+    and actions of each of its D data shards (D = 1 unless the run's mesh had a data axis); of
+    all seeds with a leading seed axis when seed is None. The directory is only read.
     """
     from flare_jax import loop  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top

@@ -37,6 +37,7 @@ import optax
 import rlax
 from flax import struct
 
+from flare_jax import mesh as mesh_lib
 from flare_jax.encoders import make_encoder
 from flare_jax.encoders.layers import dqn_uniform
 
@@ -54,7 +55,8 @@ TORSOS = ("atari_flare", "atari_baseline", "mlp")
 class RainbowConfig:
     """Hyperparameters; defaults are DQN Zoo's Rainbow with the Flare torso."""
     torso: str = _f("atari_flare", "torso: atari_flare (Flare), atari_baseline (frame stack), "
-                                   "mlp (vector observations)", choices=TORSOS)
+                                   "mlp (vector observations); alias --network",
+                     choices=TORSOS, aliases=("network",))
     torso_kwargs: tuple[tuple[str, Any], ...] = _f((), "other torso options, key=value items")
     num_atoms: int = _f(51, "C51 atoms")
     v_min: float = _f(-10.0, "C51 support minimum")
@@ -214,22 +216,28 @@ def loss_fn(state: RainbowState, params, batch, weights: Array, key: Array):
     return jnp.mean(weights * per_sample), per_sample
 
 
-def update(state: RainbowState, batch, weights: Array, key: Array) -> tuple[RainbowState, dict, Array]:
+def update(state: RainbowState, batch, weights: Array, key: Array,
+           axis_name: Optional[str] = None) -> tuple[RainbowState, dict, Array]:
     """One Rainbow update on `batch` (flare_jax.replay.Batch: n-step reward, discount =
     gamma^n * prod(transition discounts)) with importance weights [B].
 
     Returns the new state, metrics and the new priorities [B] = clip(per-sample loss, 0, 100).
+    `axis_name` (inside `shard_map`): `batch` is this data shard's part of the batch (weights
+    normalised over the whole batch, `prioritized.sample`); gradients and metrics are averaged
+    over the axis before the optimiser, so every shard applies the one-device update of the
+    concatenated batch (the network noise is one draw per call, the same on every shard).
     """
     config = state.config
     (loss, per_sample), grads = jax.value_and_grad(
         lambda p: loss_fn(state, p, batch, weights, key), has_aux=True)(state.params)
+    grads = mesh_lib.pmean(grads, axis_name)
     updates, opt_state = _optimizer(config).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     count = state.updates + 1
     target = jax.tree.map(lambda t, p: jnp.where(count % config.target_update_period == 0, p, t),
                           state.target_params, params)
     priorities = jnp.clip(jax.lax.stop_gradient(per_sample), 0.0, config.max_priority)
-    metrics = {"loss": loss, "per_sample_loss_mean": jnp.mean(per_sample),
+    metrics = {**mesh_lib.pmean({"loss": loss, "per_sample_loss_mean": jnp.mean(per_sample)}, axis_name),
                "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params)}
     return (state.replace(params=params, target_params=target, opt_state=opt_state, updates=count),
             metrics, priorities)

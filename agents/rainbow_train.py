@@ -21,12 +21,13 @@ mean raw return of the episodes completed in an evaluation phase.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 from agents import rainbow
-from flare_jax import loop, prioritized as per, replay as rp, stacking
+from flare_jax import loop, mesh as mesh_lib, prioritized as per, replay as rp, stacking
 from flare_jax.envs.atari import FRAMES_PER_STEP, GAMES, GYM_TASKS, AtariEnv, GymVectorEnv, get_game
 from flare_jax.loop import RunConfig
 
@@ -102,15 +103,19 @@ class RainbowTrainConfig:
 
 
 def learn(per_config: per.PrioritizedConfig, batch_size: int, agent: rainbow.RainbowState,
-          replay: per.PrioritizedState, key: Array, n: int, beta: Array):
+          replay: per.PrioritizedState, key: Array, n: int, beta: Array,
+          axis_name: Optional[str] = None):
     """n Rainbow updates, each on a fresh prioritised batch, with the new priorities written
-    back before the next (one `lax.scan`). Returns (agent, replay, metrics [n])."""
+    back before the next (one `lax.scan`). With `axis_name` (a data axis): this shard's replay
+    and share of the batch, stratified PER (`prioritized`). Returns (agent, replay, metrics [n])."""
     def body(carry, k):
         agent, replay = carry
         k_sample, k_update = jax.random.split(k)
-        batch, weights, _ = per.sample(per_config, replay, k_sample, batch_size, beta)
-        agent, metrics, priorities = rainbow.update(agent, batch, weights, k_update)
-        replay = per.update_priorities(per_config, replay, batch.env, batch.slot, priorities)
+        batch, weights, _ = per.sample(per_config, replay, mesh_lib.shard_key(k_sample, axis_name),
+                                       batch_size, beta, axis_name)
+        agent, metrics, priorities = rainbow.update(agent, batch, weights, k_update, axis_name)
+        replay = per.update_priorities(per_config, replay, batch.env, batch.slot, priorities,
+                                       axis_name)
         return (agent, replay), metrics
 
     (agent, replay), metrics = jax.lax.scan(body, (agent, replay), jax.random.split(key, n))
@@ -123,15 +128,16 @@ class RainbowTrainer(loop.Trainer):
     config_cls = RainbowTrainConfig
     resumable = ("frames",)
 
-    def __init__(self, config: RainbowTrainConfig, spec: loop.EnvSpec):
-        self.config, self.spec = config, spec
+    def __init__(self, config: RainbowTrainConfig, spec: loop.EnvSpec, data_shards: int = 1):
+        self.config, self.spec, self.data_shards = config, spec, data_shards
         self.label = config.game
         net = rainbow.make_network(config.rainbow, spec.num_actions)
         self.num_frames = net.torso.num_frames
         self.frame_shape = tuple(spec.frame_shape) + ((1,) if len(spec.frame_shape) == 2 else ())
         self.per_config = per.PrioritizedConfig(
-            replay=rp.ReplayConfig(capacity=config.replay_capacity, frame_shape=self.frame_shape,
-                                   action_shape=(), num_envs=config.num_envs, stack=self.num_frames,
+            replay=rp.ReplayConfig(capacity=-(-config.replay_capacity // data_shards),  # a shard's
+                                   frame_shape=self.frame_shape, action_shape=(),
+                                   num_envs=config.num_envs // data_shards, stack=self.num_frames,
                                    frame_dtype=spec.frame_dtype, action_dtype=jnp.int32, pad="zeros",
                                    n_step=config.n_step, discount=config.discount),
             alpha=config.priority_exponent, uniform_mix=config.uniform_mix)
@@ -151,10 +157,15 @@ class RainbowTrainer(loop.Trainer):
             checkpoint_every=loop.agent_steps_cadence(run.checkpoint_every, e, eval_every))
 
     @classmethod
-    def make_env(cls, config: RainbowTrainConfig, role: str, resumes: int = 0):
+    def eval_envs_per_seed(cls, config: RainbowTrainConfig) -> int:
+        return config.eval_envs
+
+    @classmethod
+    def make_env(cls, config: RainbowTrainConfig, role: str, resumes: int = 0, members=None):
         n = config.num_envs if role == "train" else config.eval_envs
+        members = members or [(i, j) for i in range(len(config.run.seeds)) for j in range(n)]
         offset = (0 if role == "train" else EVAL_SEED_OFFSET) + RESUME_SEED_STRIDE * resumes
-        seeds = [s * 1000 + offset + j for s in config.run.seeds for j in range(n)]
+        seeds = [config.run.seeds[i] * 1000 + offset + j for i, j in members]
         if config.vector_obs:
             return GymVectorEnv(config.game, num_envs=len(seeds), seed=seeds)
         return AtariEnv(config.game, num_envs=len(seeds), seed=seeds,
@@ -185,11 +196,12 @@ class RainbowTrainer(loop.Trainer):
     def stack_push(self, stack, frame, first):
         return stacking.push(stack, frame, first, "zeros")
 
-    def learn(self, agent, replay, key, n, update_count, progress):
+    def learn(self, agent, replay, key, n, update_count, progress, axis_name=None):
         del update_count
         c = self.config
         beta = per.beta_schedule(progress, c.importance_start, c.importance_end)
-        return learn(self.per_config, c.batch_size, agent, replay, key, n, beta)
+        return learn(self.per_config, c.batch_size // self.data_shards, agent, replay, key, n, beta,
+                     axis_name)
 
     def act(self, agent, stack, key, mode):
         if mode == "random":

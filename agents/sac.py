@@ -32,6 +32,7 @@ from flax import struct
 from flax.training.train_state import TrainState
 
 from flare_jax import augment, loop
+from flare_jax import mesh as mesh_lib
 from flare_jax.encoders import make_encoder
 from flare_jax.replay import Batch
 
@@ -235,9 +236,13 @@ def _policy_from_trunk(nets: _Nets, actor_params, h: Array) -> tuple[Array, Arra
     return nets.policy.apply({"params": actor_params["policy"]}, feat)
 
 
-def _sample_action(mean: Array, log_std: Array, key: Array) -> tuple[Array, Array]:
-    """tanh-squashed Gaussian sample and its log-probability [..., A] -> ([..., A], [...])."""
-    noise = jax.random.normal(key, mean.shape)
+def _sample_action(mean: Array, log_std: Array, key: Array,
+                   axis_name: Optional[str] = None) -> tuple[Array, Array]:
+    """tanh-squashed Gaussian sample and its log-probability [..., A] -> ([..., A], [...]).
+
+    `axis_name`: mean is this shard's rows of a batch split over that mesh axis (the noise is
+    the whole batch's, sliced: `flare_jax.mesh.batch_draw`)."""
+    noise = mesh_lib.batch_draw(jax.random.normal, key, mean.shape, axis_name)
     u = mean + noise * jnp.exp(log_std)
     log_prob = jnp.sum(-0.5 * noise ** 2 - log_std - 0.5 * math.log(2 * math.pi), -1)
     # log|d tanh(u)/du| = log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), exact and stable
@@ -268,35 +273,40 @@ def act(state: SACState, obs: Array, key: Array, deterministic: bool = False) ->
 # ----------------------------------------------------------------------------- update
 
 
-def augment_batch(config: SACConfig, key: Array, batch: Batch, encoder: nn.Module) -> tuple[Array, Array]:
+def augment_batch(config: SACConfig, key: Array, batch: Batch, encoder: nn.Module,
+                  axis_name: Optional[str] = None) -> tuple[Array, Array]:
     """The network's view of (obs, next_obs) for an update."""
     obs, next_obs = batch.obs, batch.next_obs
     if encoder.observation != "pixels" or config.augmentation == "none":
         return _view(config, obs, encoder), _view(config, next_obs, encoder)
     if config.augmentation == "translate":
-        return augment.translate(key, obs, next_obs, config.image_size)
-    return augment.random_crop(key, obs, next_obs, config.image_size)
+        return augment.translate(key, obs, next_obs, config.image_size, axis_name)
+    return augment.random_crop(key, obs, next_obs, config.image_size, axis_name)
 
 
 def _soft_update(target, online, tau: float):
     return jax.tree.map(lambda t, o: (1.0 - tau) * t + tau * o, target, online)
 
 
-def update(state: SACState, batch: Batch, key: Array,
-           count: Optional[Array] = None) -> tuple[SACState, dict]:
+def update(state: SACState, batch: Batch, key: Array, count: Optional[Array] = None,
+           axis_name: Optional[str] = None) -> tuple[SACState, dict]:
     """One SAC update: critic every call; actor+temperature and targets every 2 calls.
 
     batch.reward [B], batch.discount [B] (gamma included: y = r + discount * V(s')),
     batch.obs / next_obs [B, T, *frame] in storage format, batch.action [B, A].
     `count` (default `state.updates`) is the update number that decides the every-2 steps; pass
     it un-batched when vmapping over seeds so the periodic updates stay real conditionals.
+    `axis_name` (inside `shard_map`): `batch` is this data shard's part of the batch; the random
+    draws are the whole batch's rows (`flare_jax.mesh.batch_draw`), gradients and metrics are
+    averaged over the axis before they are applied, so every shard applies the same update: the
+    one-device update on the concatenated batch (shards of equal size), up to float sum order.
     """
     config = state.config
     count = state.updates if count is None else count
     nets = _nets(config, state.action_dim)
     chex.assert_rank([batch.reward, batch.discount], 1)
     k_aug, k_next, k_pi = jax.random.split(key, 3)
-    obs, next_obs = augment_batch(config, k_aug, batch, nets.encoder)
+    obs, next_obs = augment_batch(config, k_aug, batch, nets.encoder, axis_name)
     alpha = jnp.exp(state.alpha.params["log_alpha"])
 
     # --- critic: y = r + discount * (min Q_target(s', a') - alpha log pi(a'|s')), a' ~ pi(s')
@@ -322,7 +332,7 @@ def update(state: SACState, batch: Batch, key: Array,
             h = _trunk(nets, params, obs)
             h_next = jax.lax.stop_gradient(_trunk(nets, params, next_obs))
         mean, log_std = _policy_from_trunk(nets, state.actor.params, h_next)
-        next_action, next_log_prob = _sample_action(mean, log_std, k_next)
+        next_action, next_log_prob = _sample_action(mean, log_std, k_next, axis_name)
         target_q = _q_from_trunk(nets, state.target, h_next_target, next_action)
         target_v = jnp.min(target_q, 0) - alpha * next_log_prob
         y = jax.lax.stop_gradient(batch.reward + batch.discount * target_v)
@@ -331,12 +341,15 @@ def update(state: SACState, batch: Batch, key: Array,
         return loss, (q, y)
 
     (critic_loss, (q, y)), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(state.critic.params)
+    grads = mesh_lib.pmean(grads, axis_name)
     critic = state.critic.apply_gradients(grads=grads)
-    metrics = {"critic_loss": critic_loss, "critic_grad_norm": optax.global_norm(grads),
-               "q_mean": jnp.mean(q), "target_q": jnp.mean(y)}
+    metrics = mesh_lib.pmean({"critic_loss": critic_loss, "q_mean": jnp.mean(q),
+                              "target_q": jnp.mean(y)}, axis_name)
+    metrics["critic_grad_norm"] = optax.global_norm(grads)
     if share:
-        metrics["frame_overlap_violations"] = jnp.sum(
-            jnp.any((batch.obs[:, 1:] != batch.next_obs[:, :-1]).reshape(batch.obs.shape[0], -1), 1))
+        metrics["frame_overlap_violations"] = mesh_lib.psum(jnp.sum(
+            jnp.any((batch.obs[:, 1:] != batch.next_obs[:, :-1]).reshape(batch.obs.shape[0], -1), 1)),
+            axis_name)
 
     # --- actor and temperature, every actor_update_period critic updates (RAD order: after the
     # critic step, with the updated critic; the trunk output is detached).
@@ -346,21 +359,24 @@ def update(state: SACState, batch: Batch, key: Array,
 
         def actor_loss_fn(actor_params):
             mean, log_std = _policy_from_trunk(nets, actor_params, h)
-            action, log_prob = _sample_action(mean, log_std, k_pi)
+            action, log_prob = _sample_action(mean, log_std, k_pi, axis_name)
             q_pi = _q_from_trunk(nets, jax.lax.stop_gradient(critic.params), h, action)
             loss = jnp.mean(alpha * log_prob - jnp.min(q_pi, 0))
             return loss, log_prob
 
         (actor_loss, log_prob), actor_grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(actor.params)
+        actor_grads = mesh_lib.pmean(actor_grads, axis_name)
         actor = actor.apply_gradients(grads=actor_grads)
         target_entropy = (-float(state.action_dim) if config.target_entropy is None
                           else config.target_entropy)
         neg_entropy_gap = jax.lax.stop_gradient(-log_prob - target_entropy)
         alpha_loss_fn = lambda p: jnp.mean(jnp.exp(p["log_alpha"]) * neg_entropy_gap)  # noqa: E731
         alpha_loss, alpha_grad = jax.value_and_grad(alpha_loss_fn)(alpha_state.params)
-        alpha_state = alpha_state.apply_gradients(grads=alpha_grad)
-        return actor, alpha_state, {"actor_loss": actor_loss, "actor_grad_norm": optax.global_norm(actor_grads),
-                                    "alpha_loss": alpha_loss, "entropy": -jnp.mean(log_prob)}
+        alpha_state = alpha_state.apply_gradients(grads=mesh_lib.pmean(alpha_grad, axis_name))
+        return actor, alpha_state, {
+            **mesh_lib.pmean({"actor_loss": actor_loss, "alpha_loss": alpha_loss,
+                              "entropy": -jnp.mean(log_prob)}, axis_name),
+            "actor_grad_norm": optax.global_norm(actor_grads)}
 
     def skip(args):
         actor, alpha_state = args

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from agents import sac
-from flare_jax import augment, loop, replay as rp, stacking
+from flare_jax import augment, loop, mesh as mesh_lib, replay as rp, stacking
 from flare_jax.envs import dmc_tasks
 from flare_jax.envs.dmc import DMCEnv
 from flare_jax.loop import RunConfig
@@ -94,17 +94,19 @@ class TrainConfig:
 
 
 def learn(replay_config: rp.ReplayConfig, batch_size: int, agent: sac.SACState, replay, key: Array,
-          n: int, count: Array):
+          n: int, count: Array, axis_name: Optional[str] = None):
     """n SAC updates, each on a fresh uniform batch of `replay` (one `lax.scan`).
 
     `count` ([] int32, not batched under a seed vmap) is the number of updates before these; it
-    decides the every-2 actor and target steps. Returns (agent, replay, metrics [n]).
+    decides the every-2 actor and target steps. With `axis_name` (a data axis) `replay` is this
+    shard's replay and `batch_size` its share of the batch; `key` is the same on every shard
+    (the update's), the sampling key is the shard's own. Returns (agent, replay, metrics [n]).
     """
     def body(carry, k):
         agent, i = carry
         k_sample, k_update = jax.random.split(k)
-        batch = rp.sample(replay_config, replay, k_sample, batch_size)
-        agent, metrics = sac.update(agent, batch, k_update, count=i)
+        batch = rp.sample(replay_config, replay, mesh_lib.shard_key(k_sample, axis_name), batch_size)
+        agent, metrics = sac.update(agent, batch, k_update, count=i, axis_name=axis_name)
         return (agent, i + 1), metrics
 
     (agent, _), metrics = jax.lax.scan(body, (agent, count), jax.random.split(key, n))
@@ -117,17 +119,18 @@ class SACTrainer(loop.Trainer):
     config_cls = TrainConfig
     resumable = ("env_steps",)
 
-    def __init__(self, config: TrainConfig, spec: loop.EnvSpec):
-        self.config, self.spec = config, spec
+    def __init__(self, config: TrainConfig, spec: loop.EnvSpec, data_shards: int = 1):
+        self.config, self.spec, self.data_shards = config, spec, data_shards
         self.encoder = config.sac.make_encoder()
         self.pixels = config.pixels
         self.label = config.task
         t = self.encoder.num_frames
         store_shape = ((STORE_CROP, STORE_CROP, spec.frame_shape[-1]) if self.pixels
                        else tuple(spec.frame_shape))
-        self.replay_config = rp.ReplayConfig(
-            capacity=config.replay_capacity, frame_shape=store_shape, action_shape=spec.action_shape,
-            num_envs=config.num_envs, stack=t, frame_dtype=spec.frame_dtype,
+        self.replay_config = rp.ReplayConfig(   # one data shard's
+            capacity=-(-config.replay_capacity // data_shards), frame_shape=store_shape,
+            action_shape=spec.action_shape, num_envs=config.num_envs // data_shards, stack=t,
+            frame_dtype=spec.frame_dtype,
             action_dtype=jnp.float32, pad="repeat_first", n_step=1, discount=0.99)
         self.obs_spec = jax.ShapeDtypeStruct((t,) + store_shape, spec.frame_dtype)
         self.action_spec = jax.ShapeDtypeStruct(spec.action_shape, jnp.float32)
@@ -145,11 +148,16 @@ class SACTrainer(loop.Trainer):
             checkpoint_every=loop.agent_steps_cadence(run.checkpoint_every, e, eval_every))
 
     @classmethod
-    def make_env(cls, config: TrainConfig, role: str, resumes: int = 0) -> DMCEnv:
+    def eval_envs_per_seed(cls, config: TrainConfig) -> int:
+        return config.eval_episodes
+
+    @classmethod
+    def make_env(cls, config: TrainConfig, role: str, resumes: int = 0, members=None) -> DMCEnv:
         n = config.num_envs if role == "train" else config.eval_episodes
+        members = members or [(i, j) for i in range(len(config.run.seeds)) for j in range(n)]
         offset = (0 if role == "train" else EVAL_SEED_OFFSET) + RESUME_SEED_STRIDE * resumes
         kind = config.sac.make_encoder().observation
-        seeds = [s * 1000 + offset + j for s in config.run.seeds for j in range(n)]
+        seeds = [config.run.seeds[i] * 1000 + offset + j for i, j in members]
         return DMCEnv(config.task, num_envs=len(seeds), seed=seeds, pixels=config.pixels,
                       obs="full" if kind == "pixels" else kind, size=config.sac.image_size,
                       action_repeat=config.repeat, max_episode_steps=config.max_episode_steps)
@@ -179,9 +187,10 @@ class SACTrainer(loop.Trainer):
     def stack_push(self, stack, frame, first):
         return stacking.push(stack, frame, first)
 
-    def learn(self, agent, replay, key, n, update_count, progress):
+    def learn(self, agent, replay, key, n, update_count, progress, axis_name=None):
         del progress
-        return learn(self.replay_config, self.config.batch_size, agent, replay, key, n, update_count)
+        return learn(self.replay_config, self.config.batch_size // self.data_shards, agent, replay,
+                     key, n, update_count, axis_name)
 
     def act(self, agent, stack, key, mode):
         if mode == "random":

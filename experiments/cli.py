@@ -10,7 +10,9 @@ from typing import Callable, Sequence
 from absl import app, flags
 from absl import logging as absl_logging
 
-from flare_jax import checkpoint, config_flags, loop, runtime
+import jax
+
+from flare_jax import checkpoint, config_flags, loop, mesh, runtime
 
 
 
@@ -56,9 +58,12 @@ def define_preset_flags(presets: dict, default: str, exclude: Sequence[str] = ()
 
 
 def train(trainer_cls, config, module: str):
-    """A launcher's run: the loop, the final evaluation of a finished run, its exit status."""
+    """A launcher's run: the loop, the final evaluation of a finished run, its exit status.
+    A multi-host run first joins its processes (`flare_jax.mesh.init_distributed`)."""
+    rc = config.run
+    mesh.init_distributed(rc.coordinator_address, rc.num_processes, rc.process_id)
     result = loop.run(trainer_cls, config, command=(module, sys.argv[1:]))
-    if result.final:
+    if result.final and jax.process_index() == 0:
         step, returns = result.final
         print(f"final evaluation at {step:,d} {result.unit}: returns "
               f"{[round(r, 1) for r in returns]}; logs in {config.run.out_dir}")

@@ -12,6 +12,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from flare_jax.mesh import batch_draw
+
 Array = jax.Array
 
 
@@ -34,19 +36,28 @@ def center_paste(frames: Array, canvas_size: int = 108) -> Array:
     return jnp.pad(frames, lead + [(pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2), (0, 0)])
 
 
-def translate(key: Array, obs: Array, next_obs: Array, canvas_size: int = 108) -> tuple[Array, Array]:
+def _offsets(key: Array, b: int, high_top: int, high_left: int, axis_name):
+    """Offsets [b] ~ U{0..high_top - 1}, U{0..high_left - 1} (this shard's rows of the batch's
+    draw when the batch is split over `axis_name`, `flare_jax.mesh.batch_draw`)."""
+    k1, k2 = jax.random.split(key)
+    top = batch_draw(lambda k, s: jax.random.randint(k, s, 0, high_top), k1, (b,), axis_name)
+    left = batch_draw(lambda k, s: jax.random.randint(k, s, 0, high_left), k2, (b,), axis_name)
+    return top, left
+
+
+def translate(key: Array, obs: Array, next_obs: Array, canvas_size: int = 108,
+              axis_name=None) -> tuple[Array, Array]:
     """Random translate: obs, next_obs [B, ..., h, w, C] -> [B, ..., canvas, canvas, C].
 
     Each sample b gets offsets (top, left) ~ U{0..canvas-h} x U{0..canvas-w}, shared by obs[b]
-    and next_obs[b] (all their frames).
+    and next_obs[b] (all their frames). `axis_name`: the batch is this shard's part of a batch
+    split over that mesh axis (the offsets are the whole batch's, sliced).
     """
     chex.assert_equal_shape([obs, next_obs])
     b, (h, w) = obs.shape[0], obs.shape[-3:-1]
     if canvas_size < max(h, w):
         raise ValueError(f"translate: {h}x{w} frames do not fit a {canvas_size} canvas")
-    k1, k2 = jax.random.split(key)
-    top = jax.random.randint(k1, (b,), 0, canvas_size - h + 1)
-    left = jax.random.randint(k2, (b,), 0, canvas_size - w + 1)
+    top, left = _offsets(key, b, canvas_size - h + 1, canvas_size - w + 1, axis_name)
     ph, pw = canvas_size - h, canvas_size - w
 
     def paste(x, t, l):
@@ -63,16 +74,15 @@ def translate(key: Array, obs: Array, next_obs: Array, canvas_size: int = 108) -
     return paste_b(obs, top, left), paste_b(next_obs, top, left)
 
 
-def random_crop(key: Array, obs: Array, next_obs: Array, size: int) -> tuple[Array, Array]:
+def random_crop(key: Array, obs: Array, next_obs: Array, size: int,
+                axis_name=None) -> tuple[Array, Array]:
     """Random crop (RAD's `crop`): [B, ..., H, W, C] -> [B, ..., size, size, C], one crop per sample
-    shared by obs and next_obs."""
+    shared by obs and next_obs (`axis_name` as in `translate`)."""
     chex.assert_equal_shape([obs, next_obs])
     b, (h, w) = obs.shape[0], obs.shape[-3:-1]
     if size > min(h, w):
         raise ValueError(f"random_crop: crop size {size} exceeds the {h}x{w} frame")
-    k1, k2 = jax.random.split(key)
-    top = jax.random.randint(k1, (b,), 0, h - size + 1)
-    left = jax.random.randint(k2, (b,), 0, w - size + 1)
+    top, left = _offsets(key, b, h - size + 1, w - size + 1, axis_name)
 
     def crop(x, t, l):
         lead = x.shape[:-3]

@@ -259,10 +259,16 @@ class Checkpointer:
         self.read_only = read_only
         if not read_only and os.path.isdir(self.directory):
             self._remove_unfinished()           # of a killed process
+        if not read_only:
+            os.makedirs(self.directory, exist_ok=True)
+        # on several hosts each process's manager works alone (process 0 writes): no barriers
+        alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                   active_processes={jax.process_index()})
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=None if read_only else keep, create=not read_only,
+            max_to_keep=None if read_only else keep, create=False,
             enable_async_checkpointing=False, cleanup_tmp_directories=not read_only,
-            read_only=read_only)
+            read_only=read_only,
+            **({"multiprocessing_options": alone} if jax.process_count() > 1 else {}))
         self._manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"arrays": self._stream, "meta": ocp.JsonCheckpointHandler()})

@@ -226,6 +226,8 @@ def define_flags(cfg: Any, flag_values: flags.FlagValues = flags.FLAGS,
             flags.DEFINE_list(name, value, help_text, flag_values=flag_values)
         else:
             _SCALAR_DEFINES[kind](name, value, help_text, flag_values=flag_values)
+        for alias in f.metadata.get("aliases", ()):     # other names of the same flag
+            flags.DEFINE_alias(alias, name, flag_values=flag_values)
     return list(kinds)
 
 

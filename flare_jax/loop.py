@@ -47,9 +47,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flare_jax import checkpoint as ckpt_lib
 from flare_jax import config_flags
+from flare_jax import mesh as mesh_lib
 from flare_jax import replay as rp
 from flare_jax.logging import Progress, RunLogger, write_command
 from flare_jax.runtime import RunDirLock, StallWatchdog, StopRequests
@@ -85,6 +87,18 @@ class RunConfig:
     stall_seconds: float = dataclasses.field(
         default=3600.0, metadata=_help("end the process with tracebacks when one loop step (an "
                                        "evaluation or checkpoint included) takes longer; <= 0: never"))
+    mesh: str = dataclasses.field(
+        default="", metadata=_help("device mesh seed:S,data:D (flare_jax.mesh): seeds split over S "
+                                   "devices, each agent's envs, replay and batch over D; auto: all "
+                                   "devices on the seed axis when several seeds are given, else on "
+                                   "the data axis; empty: one device"))
+    coordinator_address: Optional[str] = dataclasses.field(
+        default=None, metadata=_help("multi-host: host:port of process 0's coordinator (with "
+                                     "--num_processes, --process_id), or auto (SLURM, TPU pods)"))
+    num_processes: Optional[int] = dataclasses.field(
+        default=None, metadata=_help("multi-host: number of processes"))
+    process_id: Optional[int] = dataclasses.field(
+        default=None, metadata=_help("multi-host: this process's index (0 writes logs and checkpoints)"))
 
     def __post_init__(self):
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
@@ -99,11 +113,24 @@ class RunConfig:
         for name in ("keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        mesh_lib.parse_spec(self.mesh)
+        if self.coordinator_address not in (None, "", "auto"):
+            if self.num_processes is None or self.process_id is None:
+                raise ValueError("--coordinator_address needs --num_processes and --process_id "
+                                 "(or --coordinator_address=auto on SLURM / TPU pods)")
+            if not 0 <= self.process_id < self.num_processes:
+                raise ValueError(f"--process_id={self.process_id} must lie in "
+                                 f"[0, --num_processes={self.num_processes})")
+        elif self.num_processes is not None or self.process_id is not None:
+            raise ValueError("--num_processes and --process_id need --coordinator_address=host:port")
 
 
 # RunConfig fields that may differ between a checkpoint and the command that resumes it.
+# The mesh may change between a checkpoint and its resume as long as the data axis stays (the
+# replay is split over it): checked against the checkpoint's own record of its mesh.
 RUN_RESUMABLE = ("out_dir", "resume", "checkpoint_every", "keep_checkpoints", "checkpoint_replay",
-                 "log_every", "tensorboard", "stall_seconds")
+                 "log_every", "tensorboard", "stall_seconds", "mesh", "coordinator_address",
+                 "num_processes", "process_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,13 +190,15 @@ class Carry:
 
 
 class Trainer(abc.ABC):
-    """What an agent gives the loop. Device functions are for ONE seed (the loop vmaps them).
+    """What an agent gives the loop. Device functions are for ONE seed on ONE data shard (the
+    loop vmaps them over a device's seeds and shard_maps them over the mesh).
 
-    Subclasses are built as `Trainer(config, spec)` and set `schedule`, `eval_frames` (None: one
-    deterministic episode per eval env; else a frame budget per seed, DQN Zoo style),
-    `replay_nbytes` and `replay_summary` (one seed's replay in device memory) and `label`; the
-    class sets `name`, `config_cls` (its config dataclass) and `resumable` (config leaf names
-    that may differ on resume, e.g. the budget).
+    Subclasses are built as `Trainer(config, spec, data_shards=D)` (the mesh's data axis: each
+    shard holds E / D envs, capacity / D replay transitions and samples B / D of a batch) and
+    set `schedule`, `eval_frames` (None: one deterministic episode per eval env; else a frame
+    budget per seed, DQN Zoo style), `replay_nbytes` and `replay_summary` (one shard's replay of
+    one seed in device memory) and `label`; the class sets `name`, `config_cls` (its config
+    dataclass) and `resumable` (config leaf names that may differ on resume, e.g. the budget).
     Env output reaches the device functions in the env's format; `store` turns a frame into the
     storage format of the replay and the stacks.
     """
@@ -179,6 +208,7 @@ class Trainer(abc.ABC):
     config: Any
     spec: EnvSpec
     schedule: Schedule
+    data_shards: int = 1
     eval_frames: Optional[int] = None
     replay_nbytes: int = 0
     replay_summary: str = ""
@@ -186,10 +216,16 @@ class Trainer(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def make_env(cls, config, role: str, resumes: int = 0):
-        """The envs of all seeds (seed-major: env j of seed i is env i * E + j); role "train"
-        (E = envs per seed) or "eval" (E = evaluation envs per seed). Their TimeSteps have
-        frame, reward, discount, first, last and episode_return ([S * E, ...] numpy)."""
+    def make_env(cls, config, role: str, resumes: int = 0, members=None):
+        """Envs for `members` [(seed index, env index within the seed)] (None: all, seed-major:
+        env j of seed i is env i * E + j); role "train" (E = envs per seed) or "eval" (E =
+        evaluation envs per seed). Their TimeSteps have frame, reward, discount, first, last and
+        episode_return ([len(members), ...] numpy)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def eval_envs_per_seed(cls, config) -> int:
+        """Evaluation envs per seed."""
 
     @abc.abstractmethod
     def describe(self, env) -> str:
@@ -220,11 +256,15 @@ class Trainer(abc.ABC):
         """Pushes stored frames [E, ...] onto the stacks (reset where `first`)."""
 
     @abc.abstractmethod
-    def learn(self, agent, replay, key, n: int, update_count: Array, progress: Array):
+    def learn(self, agent, replay, key, n: int, update_count: Array, progress: Array,
+              axis_name: Optional[str] = None):
         """n updates (sampling included) -> (agent, replay, metrics with a leading axis [n]).
 
         `update_count` ([] int32) counts the updates before these; `progress` ([] float32) is the
-        run's fraction done. Metrics hold the losses, gradient norms and `param_norm`.
+        run's fraction done. Metrics hold the losses, gradient norms and `param_norm`. With
+        `axis_name` (the data axis, inside shard_map) `replay` is this shard's, `key` is the same
+        on every shard, and gradients and metrics are averaged over the axis, so the agent stays
+        identical on all shards.
         """
 
     @abc.abstractmethod
@@ -277,12 +317,13 @@ class RunError(RuntimeError):
     """A run cannot start (one-line message for the user; no traceback)."""
 
 
-def _empty_carry(trainer: Trainer, key) -> Carry:
-    """One seed's carry without its agent: empty replay, zero stacks and actions."""
-    spec, e = trainer.spec, trainer.schedule.agent_steps_per_iteration
+def _empty_shard(trainer: Trainer) -> Carry:
+    """One data shard's carry of one seed without agent and key: empty replay, zero stacks and
+    actions for its E / D envs."""
+    spec, e = trainer.spec, trainer.schedule.agent_steps_per_iteration // trainer.data_shards
     frame = trainer.store(jnp.zeros((e,) + spec.frame_shape, spec.frame_dtype))
     return Carry(agent=None, replay=trainer.init_replay(), stack=trainer.stack_init(frame),
-                 action=jnp.zeros((e,) + spec.action_shape, spec.action_dtype), key=key)
+                 action=jnp.zeros((e,) + spec.action_shape, spec.action_dtype), key=None)
 
 
 def seed_keys(seeds) -> np.ndarray:
@@ -290,39 +331,85 @@ def seed_keys(seeds) -> np.ndarray:
     return np.stack([np.asarray(jax.random.PRNGKey(seed)) for seed in seeds])
 
 
-def init_carry(trainer: Trainer, keys) -> Carry:
-    """The start of a run for keys [S, 2]: seed s gets its agent from split(key)[0] and its loop
-    key split(key)[1]."""
-    k_agent, k_loop = jax.vmap(jax.random.split, out_axes=1)(jnp.asarray(keys))
-    carry = jax.jit(jax.vmap(lambda k: _empty_carry(trainer, k)))(k_loop)
-    return carry.replace(agent=init_seeds(trainer.init_agent, k_agent))
+# The carry's leaves by role (flare_jax.mesh): per seed, or per seed and data shard.
+CARRY_SPECS = Carry(agent=P("seed"), replay=P("seed", "data"), stack=P("seed", "data"),
+                    action=P("seed", "data"), key=P("seed"))
 
 
-def carry_template(trainer: Trainer, keys) -> Carry:
-    """The carry's structure, shapes and dtypes for keys [S, 2], computing nothing."""
-    def one(key):
-        return _empty_carry(trainer, key).replace(agent=trainer.init_agent(key))
-    return jax.eval_shape(jax.vmap(one), jnp.asarray(keys))
+def _is_spec(x) -> bool:
+    return isinstance(x, P)
+
+
+def carry_shardings(layout: mesh_lib.Layout, carry: Carry) -> Carry:
+    """NamedShardings for every leaf of `carry` (its structure; values unused) on the mesh."""
+    return jax.tree.map(lambda spec, sub: jax.tree.map(lambda _: NamedSharding(layout.mesh, spec), sub),
+                        CARRY_SPECS, carry, is_leaf=_is_spec)
+
+
+def init_carry(trainer: Trainer, keys, layout: Optional[mesh_lib.Layout] = None) -> Carry:
+    """The start of a run for keys [S, 2], on the layout's mesh (default: one device): seed s
+    gets its agent from split(key)[0] and its loop key split(key)[1]; replay, stacks and actions
+    [S, D, ...] are empty."""
+    keys = jnp.asarray(keys)
+    layout = layout or single_device_layout(trainer, len(keys))
+    k_agent, k_loop = jax.vmap(jax.random.split, out_axes=1)(keys)
+    lead = (len(keys), layout.shape.data)
+    shape = jax.eval_shape(lambda: _empty_shard(trainer))
+    shards = carry_shardings(layout, shape)
+    empty = jax.jit(lambda: jax.tree.map(lambda x: jnp.broadcast_to(x, lead + x.shape),
+                                         _empty_shard(trainer)), out_shardings=shards)()
+    agent = init_seeds(trainer.init_agent, k_agent)
+    agent, key = layout.put((agent, k_loop), (jax.tree.map(lambda _: layout.seed_sharding, agent),
+                                              layout.seed_sharding))
+    return empty.replace(agent=agent, key=key)
+
+
+def carry_template(trainer: Trainer, keys, data_shards: int = 1) -> Carry:
+    """The carry's structure, shapes and dtypes for keys [S, 2] and `data_shards`, computing
+    nothing."""
+    s = len(keys)
+
+    def one():
+        shard = jax.tree.map(lambda x: jnp.broadcast_to(x, (s, data_shards) + x.shape),
+                             _empty_shard(trainer))
+        agent = jax.vmap(trainer.init_agent)(jnp.asarray(keys))
+        return shard.replace(agent=agent, key=jnp.asarray(keys))
+    return jax.eval_shape(one)
+
+
+def single_device_layout(trainer: Trainer, num_seeds: int) -> mesh_lib.Layout:
+    return mesh_lib.Layout(mesh_lib.make(mesh_lib.MeshShape()), num_seeds,
+                           trainer.schedule.agent_steps_per_iteration)
 
 
 class Stepper:
-    """The compiled device functions of a Trainer for S seeds (leading axis S on every input).
+    """The compiled device functions of a Trainer on a mesh (`flare_jax.mesh.Layout`).
 
-    `step` is the one device step of both agents, for each seed: store the env frames, add them
-    to the replay and the stacks, run `n` updates (`Trainer.learn`), act; it returns the new
-    carry (the old one is donated), the last update's metrics and whether all losses, norms and
-    actions are finite. One compiled program per (n, random).
+    `step` is the one device step of both agents, for each seed and data shard: store the env
+    frames, add them to the replay and the stacks, run `n` updates (`Trainer.learn`, gradients
+    averaged over the data axis), act; it returns the new carry (the old one is donated), the
+    last update's metrics [S] and run flags [2] (all losses, norms and actions finite; some
+    process asked to stop). One compiled program per (n, random): `jax.shard_map` over the mesh
+    of the per-device function, vmapped over the device's seeds.
     """
 
-    def __init__(self, trainer: Trainer, num_seeds: int):
-        self.trainer, self.num_seeds = trainer, num_seeds
+    def __init__(self, trainer: Trainer, layout: Optional[mesh_lib.Layout] = None,
+                 num_seeds: Optional[int] = None):
+        self.layout = layout or single_device_layout(trainer, num_seeds)
+        self.trainer, self.num_seeds = trainer, self.layout.num_seeds
+        if trainer.data_shards != self.layout.shape.data:
+            raise ValueError(f"the trainer is built for {trainer.data_shards} data shards, the "
+                             f"mesh has {self.layout.shape.data}")
         self._fns = {}
         t = trainer
+        # evaluation: one device, the seeds of this process (Layout.eval_seeds)
         self.eval_act = jax.jit(jax.vmap(lambda a, st, k: t.act(a, st, k, "eval")))
         self.stack_init = jax.jit(jax.vmap(lambda f: t.stack_init(t.store(f))))
         self.stack_push = jax.jit(jax.vmap(lambda st, f, first: t.stack_push(st, t.store(f), first)))
 
-    def _one(self, carry: Carry, frame, reward, discount, first, count, progress, *, n, random):
+    def _one(self, carry: Carry, frame, reward, discount, first, count, progress, *, n, random,
+             axis):
+        """One seed on one data shard (axis: the data axis name, None on one shard)."""
         t = self.trainer
         frame = t.store(frame)
         replay = t.add(carry.replay, frame, carry.action, reward, discount, first)
@@ -330,28 +417,59 @@ class Stepper:
         key, k_learn, k_act = jax.random.split(carry.key, 3)
         agent, metrics, finite = carry.agent, {}, jnp.bool_(True)
         if n:
-            agent, replay, stacked = t.learn(agent, replay, k_learn, n, count, progress)
+            agent, replay, stacked = t.learn(agent, replay, k_learn, n, count, progress,
+                                             axis_name=axis)
             finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(m)) for m in stacked.values()]))
             metrics = jax.tree.map(lambda m: m[-1], stacked)
-        action = t.act(agent, stack, k_act, "random" if random else "explore")
+        action = t.act(agent, stack, mesh_lib.shard_key(k_act, axis),
+                       "random" if random else "explore")
         if jnp.issubdtype(action.dtype, jnp.floating):
             finite = finite & jnp.all(jnp.isfinite(action))
         return Carry(agent=agent, replay=replay, stack=stack, action=action, key=key), metrics, finite
 
+    def _compile(self, n: int, random: bool):
+        axis = "data" if self.layout.shape.data > 1 else None
+        sq = lambda x: x[:, 0]           # noqa: E731  the device's one data shard
+        unsq = lambda x: x[:, None]      # noqa: E731
+
+        def per_device(carry, frame, reward, discount, first, stop, count, progress):
+            shard = Carry(agent=carry.agent, replay=jax.tree.map(sq, carry.replay),
+                          stack=sq(carry.stack), action=sq(carry.action), key=carry.key)
+            one = lambda c, f, r, d, fi: self._one(c, f, r, d, fi, count, progress, n=n,  # noqa: E731
+                                                   random=random, axis=axis)
+            out, metrics, finite = jax.vmap(one)(shard, sq(frame), sq(reward), sq(discount), sq(first))
+            out = out.replace(replay=jax.tree.map(unsq, out.replay), stack=unsq(out.stack),
+                              action=unsq(out.action))
+            flags = jnp.stack([jax.lax.pmin(jnp.all(finite).astype(jnp.int32), mesh_lib.AXES),
+                               jax.lax.pmax(jnp.max(stop), mesh_lib.AXES)])
+            return out, metrics, flags
+
+        env_spec = P("seed", "data")
+        fn = jax.shard_map(per_device, mesh=self.layout.mesh,
+                           in_specs=(CARRY_SPECS, env_spec, env_spec, env_spec, env_spec, env_spec,
+                                     P(), P()),
+                           out_specs=(CARRY_SPECS, P("seed"), P()),
+                           # the CPU conv's custom VJP (flare_jax.conv) returns gradients that
+                           # vary over `data` for parameters that do not; the update averages
+                           # them itself (pmean), so the replication types are not tracked
+                           check_vma=False)
+        return jax.jit(fn, donate_argnums=0)
+
     def step(self, carry: Carry, frame, reward, discount, first, *, n: int, random: bool,
-             update_count: int, progress: float):
-        """frame [S, E, *env frame], reward/discount/first [S, E] (numpy or device arrays)."""
+             update_count: int, progress: float, stop: bool = False):
+        """One device step. frame [L, *env frame], reward/discount/first [L] (numpy, this
+        process's envs in `Layout.train_members` order) -> (carry, metrics [S], flags [2])."""
         fn = self._fns.get((n, random))
         if fn is None:
-            one = lambda c, f, r, d, fi, cnt, prog: self._one(  # noqa: E731
-                c, f, r, d, fi, cnt, prog, n=n, random=random)
-            fn = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, 0, None, None)), donate_argnums=0)
-            self._fns[(n, random)] = fn
-        return fn(carry, frame, reward, discount, first, np.int32(update_count), np.float32(progress))
+            fn = self._fns[(n, random)] = self._compile(n, random)
+        lay = self.layout
+        stop = lay.put_per_device(np.full(len(lay.blocks), int(stop), np.int32))
+        return fn(carry, lay.put_envs(frame), lay.put_envs(reward), lay.put_envs(discount),
+                  lay.put_envs(first), stop, np.int32(update_count), np.float32(progress))
 
-    def split(self, x: np.ndarray) -> np.ndarray:
-        """[S * E, ...] env-major -> [S, E, ...]."""
-        return x.reshape((self.num_seeds, -1) + x.shape[1:])
+    def actions(self, carry: Carry) -> np.ndarray:
+        """[L, *action_shape]: the actions of this process's envs."""
+        return self.layout.get_envs(carry.action)
 
 
 def checkpoint_tree(carry: Carry, with_replay: bool) -> dict:
@@ -423,16 +541,23 @@ def run(trainer_cls, config, log: Optional[Callable[[str], None]] = print,
     """Runs (or resumes) a training run of `trainer_cls` with `config` (which has `.run`).
 
     `command`: (module, argv) of the launcher, appended to `<out_dir>/command.txt`.
-    Raises RunError (one line) when the run cannot start; returns a RunResult otherwise.
+    Raises RunError (one line) when the run cannot start; returns a RunResult otherwise. On
+    several hosts every process calls it with the same config; only process 0 logs and writes.
     """
     log = log or (lambda *_: None)
+    if jax.process_index() != 0:
+        log = lambda *_: None  # noqa: E731
     rc = config.run
     out = rc.out_dir
-    if out is None:
-        return _Run(trainer_cls, config, log, None, command).execute()
+    if out is None or jax.process_index() != 0:
+        return _Run(trainer_cls, config, log, out, command).execute()
     _check_out_dir(out)
     with RunDirLock(out):
         return _Run(trainer_cls, config, log, out, command).execute()
+
+
+def _mesh_record(layout: mesh_lib.Layout) -> dict:
+    return dataclasses.asdict(layout.shape)
 
 
 class _Run:
@@ -440,43 +565,67 @@ class _Run:
         self.cls, self.config, self.log, self.out, self.command = trainer_cls, config, log, out, command
         self.rc = config.run
         self.seeds = self.rc.seeds
+        self.primary = jax.process_index() == 0
         self.t_start = time.time()
 
     # -------------------------------------------------------------------- start and resume
 
     def _prepare_out_dir(self):
-        """Refuses an out_dir that holds something else; claims it with config.json."""
-        entries = [e for e in os.listdir(self.out) if e != ".lock"]
-        if not self.rc.resume and entries:
+        """Refuses an out_dir that holds something else; claims it with config.json (process 0;
+        every process makes the same checks)."""
+        entries = [e for e in os.listdir(self.out) if e != ".lock"] if os.path.isdir(self.out) else []
+        if not self.rc.resume and entries and self.primary:
             raise RunError(f"--out_dir={self.out} is not empty and --resume=false: use an empty "
                            "directory, or --resume=true to continue the run it holds")
         if entries and not os.path.exists(os.path.join(self.out, "config.json")):
             raise RunError(f"--out_dir={self.out} is not empty and holds no run (no config.json); "
                            "use an empty or new directory")
         check_resume(self.out, self.cls.name, self.config, self.cls.resumable)
-        if not entries:
-            self._write_config(None)
-        self.checkpointer = ckpt_lib.Checkpointer(os.path.join(self.out, "checkpoints"),
-                                                  keep=self.rc.keep_checkpoints, warn=self.log)
+        if self.primary:
+            if not entries:
+                self._write_config(None)
+            self.checkpointer = ckpt_lib.Checkpointer(os.path.join(self.out, "checkpoints"),
+                                                      keep=self.rc.keep_checkpoints, warn=self.log)
+        mesh_lib.barrier("flare_jax.loop.prepare_out_dir")
+        if not self.primary:   # reads the checkpoints process 0 writes (a shared file system)
+            self.checkpointer = ckpt_lib.Checkpointer(os.path.join(self.out, "checkpoints"),
+                                                      read_only=True, warn=self.log)
 
     def _write_config(self, spec: Optional[EnvSpec]):
+        if not self.primary:
+            return
         path = os.path.join(self.out, "config.json")
         with open(path + ".tmp", "w") as f:
             json.dump(_config_record(self.cls.name, self.config, spec), f, indent=2)
         os.replace(path + ".tmp", path)
 
     def execute(self) -> RunResult:
+        cfg = self.config
+        try:
+            shape = mesh_lib.resolve(self.rc.mesh, len(self.seeds), cfg.num_envs, cfg.batch_size)
+        except ValueError as err:
+            raise RunError(str(err)) from None
+        self.layout = mesh_lib.Layout(mesh_lib.make(shape), len(self.seeds), cfg.num_envs)
         if self.out:
             self._prepare_out_dir()
         else:
             self.checkpointer = None
         # a resumed run's envs get new seeds (new episodes, not a replay of the first ones)
         meta = ckpt_lib.latest_meta(self.checkpointer.directory) if self.checkpointer else None
+        if meta and meta.get("mesh", {}).get("data", 1) != shape.data:
+            raise RunError(
+                f"the checkpoints in {self.checkpointer.directory} were written on a data axis of "
+                f"{meta.get('mesh', {}).get('data', 1)} (each agent's envs and replay split over it), "
+                f"this run's mesh is {shape}: resume with the same data axis (the seed axis may change)")
         resumes = int(meta["counters"]["resumes"]) + 1 if meta and "counters" in meta else 0
-        env = self.cls.make_env(self.config, "train", resumes)
+        lay = self.layout
+        env = self.cls.make_env(cfg, "train", resumes, members=lay.train_members())
         eval_env = None
         try:
-            eval_env = self.cls.make_env(self.config, "eval", resumes)
+            n_eval = self.cls.eval_envs_per_seed(cfg)
+            members = [(i, j) for i in lay.eval_seeds() for j in range(n_eval)]
+            if members:
+                eval_env = self.cls.make_env(cfg, "eval", resumes, members=members)
             return self._execute(env, eval_env)
         finally:
             env.close()
@@ -484,20 +633,26 @@ class _Run:
                 eval_env.close()
 
     def _execute(self, env, eval_env) -> RunResult:
-        cfg, log, seeds = self.config, self.log, self.seeds
+        cfg, log, seeds, lay = self.config, self.log, self.seeds, self.layout
         spec = EnvSpec.of(env)
-        trainer = self.cls(cfg, spec)
+        trainer = self.cls(cfg, spec, data_shards=lay.shape.data)
         sched = trainer.schedule
         self.trainer, self.sched = trainer, sched
         name = trainer.name
         s = len(seeds)
         log(f"[{name}] " + trainer.describe(env))
+        per_device = lay.seeds_per_row
+        where = (f", x {s} seed(s)" if lay.shape.size == 1 else
+                 f" per data shard, x {per_device} seed(s) per device; mesh {lay.shape} over "
+                 f"{lay.shape.size} {lay.mesh.devices.flat[0].platform} devices"
+                 + (f" in {jax.process_count()} processes" if lay.multi_process else ""))
         try:
-            log(f"[{name}] " + rp.check_memory(trainer.replay_nbytes * s,
-                                               f"{trainer.replay_summary}, x {s} seed(s)"))
+            log(f"[{name}] " + rp.check_memory(trainer.replay_nbytes * per_device,
+                                               f"{trainer.replay_summary}{where}",
+                                               device=lay.mesh.devices.flat[0]))
         except MemoryError as err:
             raise RunError(str(err)) from None
-        self.stepper = Stepper(trainer, s)
+        self.stepper = Stepper(trainer, lay)
         keys = seed_keys(seeds)
 
         # the state: fresh, or restored from the newest readable checkpoint
@@ -508,29 +663,32 @@ class _Run:
             carry, counters, with_replay = restored
             counters.resumes += 1
             if not with_replay:
-                carry = carry.replace(replay=jax.vmap(lambda _: trainer.init_replay())(jnp.arange(s)))
+                carry = carry.replace(replay=init_carry(trainer, keys, lay).replay)
                 counters.replay_start = counters.iteration
                 counters.owed = 0.0
                 log(f"[{name}] warning: the checkpoint holds no replay (--checkpoint_replay=false): "
                     f"refilling it, learning again after {sched.warmup:,d} loop steps")
         else:
-            carry = init_carry(trainer, keys)
+            carry = init_carry(trainer, keys, lay)
         if self.out:
-            try:   # the next checkpoint must fit (the previous ones stay until it is complete)
-                self.checkpointer.check_disk(ckpt_lib.tree_nbytes(
-                    checkpoint_tree(carry, self.rc.checkpoint_replay)))
-            except ckpt_lib.CheckpointError as err:
-                raise RunError(str(err)) from None
+            if self.primary:
+                try:   # the next checkpoint must fit (the previous ones stay until it is complete)
+                    self.checkpointer.check_disk(ckpt_lib.tree_nbytes(
+                        checkpoint_tree(carry, self.rc.checkpoint_replay)))
+                except ckpt_lib.CheckpointError as err:
+                    raise RunError(str(err)) from None
             self._start_logs(counters, restored is not None, spec)
+        self.seed_of_env = [i for i, _ in lay.train_members()]
         ts = env.reset()
-        carry, _, ok = self._step(carry, ts, 0, counters.iteration < sched.random_until, counters)
-        return self._loop(trainer, env, eval_env, carry, ok, counters)
+        carry, _, flags = self._step(carry, ts, 0, counters.iteration < sched.random_until, counters)
+        return self._loop(trainer, env, eval_env, carry, flags, counters)
 
     def _restore(self, trainer, keys):
         """(carry, counters, with_replay) of the newest readable checkpoint, or None."""
         if not self.checkpointer.steps():
             return None
-        template = carry_template(trainer, keys)
+        lay = self.layout
+        template = carry_template(trainer, keys, lay.shape.data)
         t0 = time.time()
         try:
             step, tree, meta = self.checkpointer.restore(
@@ -538,6 +696,7 @@ class _Run:
         except ckpt_lib.CheckpointError as err:
             raise RunError(str(err)) from None
         counters = Counters(**meta["counters"])
+        tree = lay.put(tree, checkpoint_tree(carry_shardings(lay, template), "replay" in tree))
         carry = Carry(agent=tree["agent"], replay=tree.get("replay", template.replay),
                       stack=tree["stack"], action=tree["action"], key=tree["key"])
         done = " (finished; nothing left to do)" if (
@@ -549,6 +708,8 @@ class _Run:
         return carry, counters, meta.get("with_replay", True)
 
     def _start_logs(self, counters: Counters, resumed: bool, spec: EnvSpec):
+        if not self.primary:
+            return
         trainer = self.trainer
         units = counters.iteration * self.sched.units_per_iteration
         has_logs = any(os.path.exists(os.path.join(self.out, f"seed_{s}")) for s in self.seeds)
@@ -564,15 +725,14 @@ class _Run:
 
     # -------------------------------------------------------------------- device step
 
-    def _step(self, carry, ts, n, random, counters):
-        st = self.stepper
-        return st.step(carry, st.split(ts.frame), st.split(ts.reward), st.split(ts.discount),
-                       st.split(ts.first), n=n, random=random, update_count=counters.updates,
-                       progress=counters.iteration / self.sched.iterations)
+    def _step(self, carry, ts, n, random, counters, stop=False):
+        return self.stepper.step(carry, ts.frame, ts.reward, ts.discount, ts.first, n=n,
+                                 random=random, update_count=counters.updates,
+                                 progress=counters.iteration / self.sched.iterations, stop=stop)
 
     # -------------------------------------------------------------------- the loop
 
-    def _loop(self, trainer, env, eval_env, carry, ok, c: Counters) -> RunResult:
+    def _loop(self, trainer, env, eval_env, carry, flags, c: Counters) -> RunResult:
         sched, log, name, seeds = self.sched, self.log, trainer.name, self.seeds
         result = RunResult(status=FINISHED, config=self.config, counters=c, evals=[], carry=None,
                            seconds=0.0, unit=sched.unit)
@@ -580,40 +740,43 @@ class _Run:
         recent = [[] for _ in seeds]           # train episode returns since the last train row
         last_returns: Optional[np.ndarray] = None
         progress = Progress(sched.iterations * sched.units_per_iteration, unit=sched.unit,
-                            desc=f"{trainer.label} ", initial=c.iteration * sched.units_per_iteration)
+                            desc=f"{trainer.label} ", initial=c.iteration * sched.units_per_iteration,
+                            stream=sys.stderr if self.primary else open(os.devnull, "w"))
         steps = self.checkpointer.steps() if self.checkpointer else []
         last_ckpt = steps[-1] if steps else -1          # in agent steps, as the step names
         step_of = lambda c: c.iteration * sched.agent_steps_per_iteration  # noqa: E731
         stop = StopRequests()
         diverged = None
+        stopping = False          # some process was asked to stop (the flags of the last step)
         c.finished = False
 
-        def check(ok_flag) -> bool:
-            nonlocal diverged
-            if bool(np.all(jax.device_get(ok_flag))):
+        def check(flags_host) -> bool:
+            nonlocal diverged, stopping
+            stopping = bool(flags_host[1])
+            if flags_host[0]:
                 return True
-            diverged = _first_nonfinite(metrics, seeds)
+            diverged = _first_nonfinite(self.layout.fetch(metrics), seeds)
             return False
 
         try:
             with stop, StallWatchdog(self.rc.stall_seconds) as watchdog:
-                while c.iteration < sched.iterations and not stop.requested:
+                while c.iteration < sched.iterations:
                     watchdog.beat()
-                    action, ok_host = jax.device_get((carry.action, ok))
-                    if not np.all(ok_host):
-                        check(ok_host)
+                    action = self.stepper.actions(carry)
+                    if not check(np.asarray(flags)) or stopping:
                         break
-                    ts = env.step(action.reshape((env.num_envs,) + action.shape[2:]))
+                    ts = env.step(action)
                     c.iteration += 1
                     for i in np.flatnonzero(ts.last):
-                        recent[i // sched.agent_steps_per_iteration].append(float(ts.episode_return[i]))
+                        recent[self.seed_of_env[i]].append(float(ts.episode_return[i]))
                     n = 0
                     if c.iteration - c.replay_start >= sched.warmup:
                         c.owed += sched.updates_per_iteration
                         if c.iteration % sched.update_every == 0:
                             n = int(c.owed + 1e-9)
                             c.owed -= n
-                    carry, m, ok = self._step(carry, ts, n, c.iteration < sched.random_until, c)
+                    carry, m, flags = self._step(carry, ts, n, c.iteration < sched.random_until, c,
+                                                 stop=stop.requested)
                     if n:
                         c.updates += n
                         metrics = m
@@ -621,7 +784,7 @@ class _Run:
                     is_eval = c.iteration % sched.eval_every == 0
                     # the last step's checkpoint is written after the final evaluation
                     is_ckpt = c.iteration % sched.checkpoint_every == 0 and c.iteration < sched.iterations
-                    if (is_eval or is_ckpt) and not check(ok):
+                    if (is_eval or is_ckpt) and not check(np.asarray(flags)):
                         break
                     if c.iteration % sched.log_every == 0 and self.out:
                         self._log_train(c, metrics, recent)
@@ -637,13 +800,14 @@ class _Run:
                         progress.update(units, eval=("-" if last_returns is None
                                                      else np.round(last_returns, 1).tolist()),
                                         updates=c.updates)
+                if diverged is None and not stopping:
+                    check(np.asarray(flags))   # the last step's flags
         finally:
             progress.close()
+        interrupted = stopping or stop.requested
         agent_steps = c.iteration * sched.agent_steps_per_iteration
         where = f"agent step {agent_steps:,d} ({c.iteration * sched.units_per_iteration:,d} {sched.unit})"
-        if diverged is None:
-            check(ok)            # the last step's flag (an interrupted run's included)
-        if diverged is None and not stop.requested and c.last_eval != c.iteration:
+        if diverged is None and not interrupted and c.last_eval != c.iteration:
             last_returns = self._evaluate(eval_env, carry, c, result)
         if diverged is not None:
             last = (f"the last good checkpoint is {self.checkpointer.path(last_ckpt)}"
@@ -655,8 +819,9 @@ class _Run:
             c.finished = c.iteration >= sched.iterations
             if self.checkpointer is not None and last_ckpt != step_of(c):
                 self._save(carry, c)
-            if stop.requested:
-                result.status, result.exit_code = INTERRUPTED, stop.exit_code
+            if interrupted:
+                result.status = INTERRUPTED
+                result.exit_code = stop.exit_code if stop.requested else 128 + 15
                 saved = (f"checkpoint {self.checkpointer.path(step_of(c))}; run the same command "
                          "to resume" if self.checkpointer else "no out_dir, nothing saved")
                 result.message = f"[{name}] interrupted at {where}: {saved}"
@@ -670,26 +835,43 @@ class _Run:
         return result
 
     def _log_train(self, c: Counters, metrics, recent):
-        host = jax.device_get(metrics) if metrics else {}
+        host = self.layout.fetch(metrics) if metrics else {}
+        sums = np.array([[np.sum(r), len(r)] for r in recent], np.float64)
+        sums = mesh_lib.gather_hosts(sums).sum(0)         # [S, 2] over all processes' envs
+        if not self.primary:
+            return
         sched = self.sched
         for i, lg in enumerate(self.loggers):
             row = {"agent_steps": c.iteration * sched.agent_steps_per_iteration, "updates": c.updates,
-                   "episode_return": float(np.mean(recent[i])) if recent[i] else float("nan"),
-                   "episodes": len(recent[i])}
+                   "episode_return": float(sums[i, 0] / sums[i, 1]) if sums[i, 1] else float("nan"),
+                   "episodes": int(sums[i, 1])}
             row.update({k: np.asarray(v)[i] for k, v in host.items()})
             row["wall_seconds"] = time.time() - self.t_start
             lg.log("train", c.iteration * sched.units_per_iteration, row)
 
     def _evaluate(self, eval_env, carry, c: Counters, result: RunResult) -> np.ndarray:
+        """Evaluates every seed (each process its `Layout.eval_seeds`), logs on process 0."""
         t0 = time.time()
-        keys = np.stack([np.asarray(jax.random.fold_in(jax.random.PRNGKey(seed), c.iteration))
-                         for seed in self.seeds])
-        stats = self._eval_episodes(eval_env, carry.agent, keys, self.trainer.eval_frames)
+        lay = self.layout
+        mine = lay.eval_seeds()
+        fields = ("return_mean", "return_std", "episodes", "complete")
+        table = np.full((len(self.seeds), len(fields)), np.nan)
+        if mine:
+            keys = np.stack([np.asarray(jax.random.fold_in(jax.random.PRNGKey(self.seeds[i]),
+                                                           c.iteration)) for i in mine])
+            stats = self._eval_episodes(eval_env, lay.local_rows(carry.agent), keys,
+                                        self.trainer.eval_frames)
+            table[mine] = [[st[f] for f in fields] for st in stats]
+        if lay.multi_process:    # each seed from the process that evaluated it
+            parts = mesh_lib.gather_hosts(table)
+            table = np.where(np.isnan(parts), -np.inf, parts).max(0)
         units = c.iteration * self.sched.units_per_iteration
-        means = np.array([st["return_mean"] for st in stats])
+        means = table[:, 0].copy()
         result.evals.append((units, means.tolist()))
         c.last_eval = c.iteration
-        for lg, st in zip(getattr(self, "loggers", []), stats):
+        for lg, row in zip(getattr(self, "loggers", []), table):
+            st = dict(zip(fields, row))
+            st["episodes"], st["complete"] = int(st["episodes"]), int(st["complete"])
             lg.log("eval", units, {"agent_steps": c.iteration * self.sched.agent_steps_per_iteration,
                                    **st, "eval_seconds": time.time() - t0,
                                    "wall_seconds": time.time() - self.t_start})
@@ -705,9 +887,10 @@ class _Run:
         completed in that budget (if none completed, of the unfinished ones, with complete=0).
         Returns one dict per seed: return_mean, return_std, episodes, complete.
         """
-        st, s = self.stepper, len(keys)
+        st, s, dev = self.stepper, len(keys), self.layout.eval_device()
+        split = lambda x: jax.device_put(x.reshape((s, -1) + x.shape[1:]), dev)  # noqa: E731
         ts = env.reset()
-        stack = st.stack_init(st.split(ts.frame))
+        stack = st.stack_init(split(ts.frame))
         n = env.num_envs // s
         done = np.zeros(env.num_envs, bool)
         first_returns = np.zeros(env.num_envs)
@@ -719,7 +902,7 @@ class _Run:
                 break
             if frames is not None and used >= frames:
                 break
-            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(jnp.asarray(keys), step)
+            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(jax.device_put(keys, dev), step)
             action = np.asarray(st.eval_act(agent, stack, step_keys))
             ts = env.step(action.reshape((env.num_envs,) + action.shape[2:]))
             step += 1
@@ -730,7 +913,7 @@ class _Run:
                     first_returns[i] = returns[i]
                 completed[i // n].append(float(returns[i]))
             done |= ts.last
-            stack = st.stack_push(stack, st.split(ts.frame), st.split(ts.first))
+            stack = st.stack_push(stack, split(ts.frame), split(ts.first))
         out = []
         for i in range(s):
             if frames is None:
@@ -747,10 +930,15 @@ class _Run:
 
     def _save(self, carry: Carry, c: Counters):
         meta = {"counters": dataclasses.asdict(c), "with_replay": self.rc.checkpoint_replay,
+                "mesh": _mesh_record(self.layout),
                 **_config_record(self.trainer.name, self.config, self.trainer.spec)}
+        tree = checkpoint_tree(carry, self.rc.checkpoint_replay)
+        if self.layout.multi_process:      # every process takes part; process 0 writes
+            tree = self.layout.fetch(tree)
+        if not self.primary:
+            return
         try:
-            rep = self.checkpointer.save(c.iteration * self.sched.agent_steps_per_iteration,
-                                         checkpoint_tree(carry, self.rc.checkpoint_replay), meta)
+            rep = self.checkpointer.save(c.iteration * self.sched.agent_steps_per_iteration, tree, meta)
         except ckpt_lib.CheckpointError as err:
             raise RunError(str(err)) from None
         self.log(f"[{self.trainer.name}] checkpoint at agent step "
@@ -759,8 +947,9 @@ class _Run:
 
 
 def load_state(trainer_cls, run_dir: str, step: Optional[int] = None):
-    """(config, trainer, carry [S, ...], counters) of a run directory's newest readable
-    checkpoint (or `step`), read without changing the directory."""
+    """(config, trainer, carry, counters) of a run directory's newest readable checkpoint (or
+    `step`), read without changing the directory; the carry's leaves are [S, ...] (agent, key)
+    and [S, D, ...] (replay, stacks, actions; D data shards), on the default device."""
     record = read_config_json(run_dir)
     if record.get("agent") != trainer_cls.name:
         raise RunError(f"{run_dir} holds a {record.get('agent')!r} run, not {trainer_cls.name!r}")
@@ -768,16 +957,20 @@ def load_state(trainer_cls, run_dir: str, step: Optional[int] = None):
     spec = record["env_spec"]
     spec = EnvSpec(**dict(spec, frame_shape=tuple(spec["frame_shape"]),
                           action_shape=tuple(spec["action_shape"])))
-    trainer = trainer_cls(config, spec)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"), read_only=True)
     if not checkpointer.steps():
         raise RunError(f"{run_dir} holds no checkpoint")
-    template = carry_template(trainer, seed_keys(config.run.seeds))
-    _, tree, meta = checkpointer.restore(
-        lambda meta: checkpoint_tree(template, meta.get("with_replay", True)), step=step)
-    carry = Carry(agent=tree["agent"], replay=tree.get("replay", template.replay),
+    made = {}
+
+    def template(meta):
+        made["trainer"] = trainer_cls(config, spec, data_shards=meta.get("mesh", {}).get("data", 1))
+        made["template"] = carry_template(made["trainer"], seed_keys(config.run.seeds),
+                                          made["trainer"].data_shards)
+        return checkpoint_tree(made["template"], meta.get("with_replay", True))
+    _, tree, meta = checkpointer.restore(template, step=step)
+    carry = Carry(agent=tree["agent"], replay=tree.get("replay", made["template"].replay),
                   stack=tree["stack"], action=tree["action"], key=tree["key"])
-    return config, trainer, carry, Counters(**meta["counters"])
+    return config, made["trainer"], carry, Counters(**meta["counters"])
 
 
 def run_status(run_dir: str) -> Optional[dict]:

@@ -14,6 +14,15 @@ the largest priority seen so far. Invalid slots (not yet written, episode starts
 not complete, stack history overwritten) have zero weight in both trees and are never drawn;
 a zero-priority valid transition is reachable only through the uniform mixture.
 
+Data shards (`flare_jax.mesh`, axis_name given): every shard holds one sum tree over its own
+envs' slots, and sampling is *stratified per shard*: each shard draws its B / D rows from its
+own tree. A row of shard d is then drawn with probability
+P(i) = [(1 - eps) p_i^a / T_d + eps / N_d] / D (T_d, N_d: the shard's priority total and valid
+count), the single-device formula when the shards have equal totals; the weights keep the
+single-device definition (N P(i)) ** -beta with the global N = sum_d N_d (`psum`), normalised by
+the maximum over the whole batch (`pmax`), and new transitions enter at the largest priority
+seen on any shard (`pmax`). Within a shard, frequencies follow p^a exactly.
+
 Each `add` refreshes the (2 + stack) slots per env whose validity can change: the slot written,
 the slot whose n-step window completes, and the slots at the old end of the ring.
 """
@@ -26,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from flare_jax import mesh as mesh_lib
 from flare_jax import replay as rp
 from flare_jax import sum_tree
 
@@ -95,8 +105,11 @@ def add(config: PrioritizedConfig, state: PrioritizedState, frame: Array, action
 
 
 def sample(config: PrioritizedConfig, state: PrioritizedState, key: Array, batch_size: int,
-           beta: Array) -> tuple[rp.Batch, Array, Array]:
-    """(batch, importance weights [B], probabilities [B]); requires at least one valid slot."""
+           beta: Array, axis_name=None) -> tuple[rp.Batch, Array, Array]:
+    """(batch, importance weights [B], probabilities [B]); requires at least one valid slot.
+
+    `axis_name`: this data shard's B rows of a stratified batch (module docstring); `key`
+    must differ between shards (`flare_jax.mesh.shard_key`)."""
     k_prop, k_unif, k_mix = jax.random.split(key, 3)
     eps = config.uniform_mix
     prio_total = state.priorities.total()
@@ -109,23 +122,27 @@ def sample(config: PrioritizedConfig, state: PrioritizedState, key: Array, batch
                        state.priorities.nodes[idx + state.priorities.capacity] / prio_total, 0.0)
     mix = jnp.where(prio_total > 0, eps, 1.0)
     prob = (1.0 - mix) * p_prop + mix / num_valid
-    weights = (num_valid * prob) ** (-beta)
+    if axis_name is not None:
+        prob = prob / jax.lax.axis_size(axis_name)
+    weights = (mesh_lib.psum(num_valid, axis_name) * prob) ** (-beta)
     if config.normalize_weights:
-        weights = weights / jnp.max(weights)
+        weights = weights / mesh_lib.pmax(jnp.max(weights), axis_name)
     s = config.replay.slots
     batch = rp.gather(config.replay, state.replay, idx // s, idx % s)
     return batch, weights, prob
 
 
 def update_priorities(config: PrioritizedConfig, state: PrioritizedState, env: Array, slot: Array,
-                      priorities: Array) -> PrioritizedState:
-    """Sets the priorities (>= 0, before the exponent) of sampled transitions [B]."""
+                      priorities: Array, axis_name=None) -> PrioritizedState:
+    """Sets the priorities (>= 0, before the exponent) of sampled transitions [B] (of this data
+    shard; the largest priority is tracked over all shards)."""
     chex.assert_equal_shape([env, slot, priorities])
     idx = _flat(config, env, slot)
     still_valid = state.valid.nodes[idx + state.valid.capacity] > 0
     leaf = jnp.where(still_valid, jnp.maximum(priorities, 0.0) ** config.alpha, 0.0)
     return state.replace(priorities=sum_tree.set_leaves(state.priorities, idx, leaf),
-                         max_priority=jnp.maximum(state.max_priority, jnp.max(priorities)))
+                         max_priority=jnp.maximum(state.max_priority,
+                                                  mesh_lib.pmax(jnp.max(priorities), axis_name)))
 
 
 def beta_schedule(progress: Array, start: float = 0.4, end: float = 1.0) -> Array:

@@ -62,7 +62,7 @@ def test_atari_flare_smoke_run(tmp_path):
         run=RunConfig(out_dir=str(tmp_path), tensorboard=False))
     res = rainbow_train.train(cfg, log=None)
     assert res.counters.iteration * 8 == 480 and res.counters.updates > 0
-    assert res.carry.stack.shape == (1, 2, 4, 84, 84, 1)
+    assert res.carry.stack.shape == (1, 1, 2, 4, 84, 84, 1)     # [S, D, E / D, T, *frame]
     assert len(_rows(tmp_path / "seed_0" / "eval.csv")) == 1
 
 

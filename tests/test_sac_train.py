@@ -52,8 +52,8 @@ def test_pixel_flare_smoke_run(tmp_path):
     result = sac_train.train(cfg, log=None)
     assert result.counters.updates == 16 - 8 + 1
     carry = result.carry
-    assert carry.stack.shape == (1, 1, 3, 100, 100, 3)            # stored 100px centre crops
-    assert int(carry.replay.count[0]) == 17                       # reset frame + 16 steps
+    assert carry.stack.shape == (1, 1, 1, 3, 100, 100, 3)         # stored 100px centre crops
+    assert int(carry.replay.count[0, 0]) == 17                      # reset frame + 16 steps
     rows = _read_csv(tmp_path / "seed_0" / "eval.csv")
     assert len(rows) == 1 and np.isfinite(float(rows[0]["return_mean"]))
 
