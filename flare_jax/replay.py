@@ -318,12 +318,24 @@ def sample_uniform(key: Array, mask: Array, batch_size: int) -> Array:
 
 def sample_valid_uniform(config: ReplayConfig, state: ReplayState, key: Array, batch_size: int,
                          tries: int = 16) -> tuple[Array, Array]:
-    """(env, slot) [B] of valid transitions, uniform, with replacement; O(B * tries) work.
+    """(env, slot) [B] int32 of valid transitions, uniform, with replacement; O(B * tries) work
+    unless the rare exact pass runs (O(E * S)).
 
-    Each draw takes the first valid one of `tries` candidates drawn uniformly from the written
-    slots: given that one is valid, it is uniform over the valid slots. In the rare case where a
-    draw has no valid candidate (at most a fraction (invalid/written)^tries of draws: episode
-    starts are ~1% of slots), the whole batch comes from the exact O(N) sampler instead.
+    Fast path: each of the B draws takes the first valid one of `tries` candidates drawn
+    uniformly from the written slots (env in [0, E), age in [0, count)); given that one is
+    valid, it is uniform over the valid slots. When some draw has no valid candidate (at most a
+    fraction (invalid/written)^tries of draws: episode starts are ~1% of slots), the whole batch
+    comes instead from the exact sampler, `sample_uniform` on the [E * S] valid mask.
+
+    The exact pass is the body of a `lax.while_loop` that runs 0 or 1 times (its flag says "a
+    draw found no valid candidate and the exact pass has not run yet"), not a branch of a
+    `lax.cond`. The result is the same for one call, but under `jax.vmap` over seeds (or inside
+    shard_map around such a vmap) a cond with a batched predicate becomes a `select` that
+    computes both branches for every member, so every call would pay O(E * S); a while_loop
+    with a batched predicate runs while any member needs it: zero times when none does, once
+    otherwise (members that did not need it keep their fast draws). The body reads the state
+    through the loop flag: without that, XLA's loop-invariant code motion would hoist the
+    O(E * S) mask and cumsum out of the loop and run them on every call.
     """
     k_env, k_age, k_exact = jax.random.split(key, 3)
     env = jax.random.randint(k_env, (batch_size, tries), 0, config.num_envs)
@@ -331,15 +343,23 @@ def sample_valid_uniform(config: ReplayConfig, state: ReplayState, key: Array, b
     slot = (state.cursor - 1 - age) % config.slots
     ok = _valid(config, state, env, slot)                         # [B, tries]
     pick = jnp.argmax(ok, axis=1)
-    env_f = jnp.take_along_axis(env, pick[:, None], 1)[:, 0]
-    slot_f = jnp.take_along_axis(slot, pick[:, None], 1)[:, 0]
+    env_f = jnp.take_along_axis(env, pick[:, None], 1)[:, 0].astype(jnp.int32)
+    slot_f = jnp.take_along_axis(slot, pick[:, None], 1)[:, 0].astype(jnp.int32)
+    need_exact = ~ok.any(axis=1).all()                            # [] bool
 
-    def exact(_):
-        flat = sample_uniform(k_exact, valid_mask(config, state).reshape(-1), batch_size)
-        return (flat // config.slots).astype(jnp.int32), (flat % config.slots).astype(jnp.int32)
+    def exact(carry):
+        pending = carry[2]                                        # True whenever this runs
+        # The fields valid_mask reads pass through the loop flag (a no-op: it is True here), so
+        # the O(E * S) work depends on a loop variable and stays inside the loop.
+        live = state.replace(first=state.first & pending,
+                             cursor=jnp.where(pending, state.cursor, 0),
+                             count=jnp.where(pending, state.count, 0))
+        flat = sample_uniform(k_exact, valid_mask(config, live).reshape(-1), batch_size)
+        return ((flat // config.slots).astype(jnp.int32), (flat % config.slots).astype(jnp.int32),
+                jnp.zeros((), bool))
 
-    return jax.lax.cond(ok.any(axis=1).all(), lambda _: (env_f.astype(jnp.int32), slot_f.astype(jnp.int32)),
-                        exact, None)
+    env, slot, _ = jax.lax.while_loop(lambda carry: carry[2], exact, (env_f, slot_f, need_exact))
+    return env, slot
 
 
 def sample(config: ReplayConfig, state: ReplayState, key: Array, batch_size: int) -> Batch:

@@ -1,5 +1,7 @@
 """Replay: stacks rebuilt at sample time equal a naive per-episode reference, at and across
 episode boundaries, after wrap-around, with several envs and n-step returns."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,3 +210,89 @@ def test_rejection_sampler_falls_back_to_exact_sampling():
     chi2 = ((counts[valid] - expected) ** 2 / expected).sum()
     df = valid.sum() - 1
     assert chi2 < df + 4 * np.sqrt(2 * df), (chi2, df)
+
+
+# Under jax.vmap (the run loop vmaps every seed's learn step) the sampler's rare exact pass must
+# only run when some member needs it: a lax.cond with a batched predicate would run it always.
+_VMAP_CFG = rp.ReplayConfig(capacity=1234, frame_shape=(2,), action_shape=(1,), stack=2,
+                            frame_dtype=jnp.int32)          # 1237 slots: a shape easy to spot
+
+
+def _sampler_states():
+    """Four healthy states (one episode start in ~60 written slots: 4 tries always find a valid
+    candidate) and a rare one (2 valid slots in 60: every batch needs the exact pass)."""
+    healthy = [_fill(_VMAP_CFG, _stream(1, 60, seed=10 + i, p_end=0.01)) for i in range(4)]
+    stream = _stream(1, 60, seed=20, p_end=0.0)
+    for t in range(60):
+        stream[0][t]["first"] = t not in (20, 40)
+    rare = _fill(_VMAP_CFG, stream)
+    return healthy, rare
+
+
+def _stack(states):
+    return jax.tree.map(lambda *x: jnp.stack(x), *states)
+
+
+@pytest.fixture
+def exact_passes(monkeypatch):
+    """A list that gets one entry each time the sampler's exact pass executes."""
+    calls = []
+    real = rp.sample_uniform
+
+    def counted(key, mask, batch_size):
+        jax.debug.callback(lambda: calls.append(1))
+        return real(key, mask, batch_size)
+
+    monkeypatch.setattr(rp, "sample_uniform", counted)
+    return calls
+
+
+def _draw():
+    """A fresh sampler function (jit caches traces per function: a fresh one sees the patch)."""
+    return lambda state, key: rp.sample_valid_uniform(_VMAP_CFG, state, key, 64, tries=4)
+
+
+@pytest.mark.parametrize("rare_member", [None, 1])
+def test_vmapped_sampler_equals_per_state_calls(exact_passes, rare_member):
+    healthy, rare = _sampler_states()
+    states = [rare if i == rare_member else s for i, s in enumerate(healthy)]
+    one = jax.jit(_draw())
+    many = jax.jit(jax.vmap(_draw()))
+    for i in range(3):
+        keys = jax.random.split(jax.random.PRNGKey(i), len(states))
+        env, slot = many(_stack(states), keys)
+        for m, state in enumerate(states):
+            del exact_passes[:]
+            env_m, slot_m = one(state, keys[m])
+            jax.effects_barrier()
+            assert bool(exact_passes) == (m == rare_member), (i, m)   # the case is what it says
+            np.testing.assert_array_equal(np.asarray(env[m]), np.asarray(env_m))
+            np.testing.assert_array_equal(np.asarray(slot[m]), np.asarray(slot_m))
+            assert env.dtype == env_m.dtype == slot.dtype == slot_m.dtype == jnp.int32
+            assert np.asarray(rp.valid_mask(_VMAP_CFG, state))[0, np.asarray(slot_m)].all()
+
+
+def test_vmapped_sampler_runs_the_exact_pass_only_when_a_member_needs_it(exact_passes):
+    healthy, rare = _sampler_states()
+    many = jax.jit(jax.vmap(_draw()))
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    jax.block_until_ready(many(_stack(healthy), keys))
+    jax.effects_barrier()
+    assert not exact_passes
+    jax.block_until_ready(many(_stack([healthy[0], rare] + healthy[2:]), keys))
+    jax.effects_barrier()
+    assert exact_passes
+
+
+def test_vmapped_exact_pass_stays_inside_its_loop():
+    """XLA's loop-invariant code motion must not hoist the O(E * S) mask / cumsum out of the
+    (usually zero-trip) loop: in the compiled vmapped sampler no instruction outside a loop
+    has a [4, E, S]- or [4, E * S]-shaped result (S = 1237 slots), parameters aside."""
+    state = jax.eval_shape(lambda: _stack([rp.init(_VMAP_CFG)] * 4))
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    hlo = jax.jit(jax.vmap(_draw())).lower(state, keys).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY"):]
+    entry = entry[:entry.index("\n}")]
+    big = [line for line in entry.splitlines()[1:]
+           if re.search(r"= \w+\[4,(1,)?1237\]", line) and "parameter(" not in line]
+    assert "while(" in entry and not big, big
