@@ -11,6 +11,10 @@
   checkpoint  whole-state checkpoints of the two large replays (100k pixel SAC transitions, 3 GB;
               1M Atari Rainbow frames with PER, 7 GB): size on disk, save and restore seconds, and
               the extra host memory (anonymous RSS) a save and a restore take.
+  scaling     the device mesh (--mesh seed:S,data:D): update time and end-to-end env steps/s of
+              state SAC, pixel SAC and Rainbow (Pong) on seed:1..N (N seeds) and data:1..N (one
+              seed, the batch and the envs split), each mesh in its own process with N devices
+              (JAX_NUM_CPU_DEVICES=N on CPU), as ratios to this run's compute floor.
   sac_update  one pixel SAC update (replay sampling + augmentation + update) at the reference
               settings (--encoder=flare|frame_stack|both), and full-state SAC updates per
               second (256x256 and 1024x1024 MLPs), fused (lax.scan) and unfused.
@@ -475,6 +479,120 @@ def rainbow():
               f"so this loop stays <= {bound:,.0f} frames/s")
         _emit(dict(bench="rainbow_floor", peak_gflops=peak_gflops, max_frames_per_s=bound))
     _emit(dict(bench="rainbow_e2e", frames_per_s=fps_e2e, **{k: v for k, v in parts.items()}))
+
+
+flags.DEFINE_integer("devices", 4, "scaling: N, the devices of each mesh's process (CPU: virtual)")
+flags.DEFINE_list("scaling_cases", ["state_sac", "pixel_sac", "rainbow"], "scaling: agents")
+flags.DEFINE_string("scaling_case", None, "scaling: (internal) one case in this process")
+flags.DEFINE_string("mesh", "", "scaling: (internal) the mesh of --scaling_case")
+flags.DEFINE_integer("scaling_seeds", 1, "scaling: (internal) the seeds of --scaling_case")
+flags.DEFINE_integer("scaling_steps", 40, "scaling: loop steps of the timed end-to-end run")
+
+
+def _scaling_config(case: str, seeds: tuple, mesh: str, steps: int):
+    """The run of one scaling case: 4 envs per seed, learning from the first loop steps, no
+    evaluation, `steps` loop steps."""
+    from agents import rainbow_train, sac, sac_train  # pylint: disable=g-import-not-at-top
+    from flare_jax.loop import RunConfig  # pylint: disable=g-import-not-at-top
+    run = RunConfig(seeds=seeds, mesh=mesh, tensorboard=False, stall_seconds=0)
+    if case == "rainbow":   # Pong, the Flare torso, batch 32, 4 envs: 1 update per loop step
+        return rainbow_train.RainbowTrainConfig(
+            game="pong", num_envs=4, frames=16 * steps, eval_every_frames=10**9, eval_frames=16,
+            eval_envs=1, replay_capacity=20_000, min_replay=32, run=run)
+    pixels = case == "pixel_sac"
+    return sac_train.TrainConfig(
+        task="cartpole_swingup", pixels=pixels, num_envs=4, env_steps=8 * 4 * steps,
+        batch_size=128 if pixels else 256, replay_capacity=4_000 if pixels else 20_000,
+        init_steps=8, eval_every=10**9, eval_episodes=1, updates_per_step=1,
+        sac=sac.SACConfig(encoder="flare" if pixels else "state_full", hidden_dim=1024 if pixels else 256,
+                          augmentation="translate" if pixels else "none"), run=run)
+
+
+def _scaling_case():
+    """One mesh of one case (this process): the loop end to end, then the device step alone."""
+    from agents import rainbow_train, sac_train  # pylint: disable=g-import-not-at-top
+    from flare_jax import config_flags, loop  # pylint: disable=g-import-not-at-top
+    from flare_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+    case, mesh = FLAGS.scaling_case, FLAGS.mesh
+    jax.config.update("jax_enable_compilation_cache", False)     # see below
+    shape = mesh_lib.parse_spec(mesh)
+    seeds = tuple(range(FLAGS.scaling_seeds))
+    cls = rainbow_train.RainbowTrainer if case == "rainbow" else sac_train.SACTrainer
+    cfg = _scaling_config(case, seeds, mesh, FLAGS.scaling_steps)
+    res = loop.run(cls, cfg, log=None)
+    iterations, seconds = res.steady               # the loop steps after its last compile
+    per_it = 16 if case == "rainbow" else 32       # frames or env steps per loop step and seed
+    e2e = iterations * per_it * len(seeds) / seconds   # per second, all seeds
+    # the device step alone: n updates per call on the run's final carry (replay filled)
+    lay = mesh_lib.Layout(mesh_lib.make(shape), len(seeds), 4)
+    env = cls.make_env(cfg, "train", members=lay.train_members())
+    trainer = cls(cfg, loop.EnvSpec.of(env), data_shards=shape.data)
+    ts = env.reset()
+    env.close()
+    stepper = loop.Stepper(trainer, lay)
+    n = 4
+    args = (ts.frame, ts.reward, ts.discount, ts.first)
+    carry = res.carry
+    carry, _, _ = stepper.step(carry, *args, n=n, random=False, update_count=0, progress=0.5)
+    jax.block_until_ready(carry)
+    times = []
+    for r in range(FLAGS.repeats):
+        t = time.perf_counter()
+        for i in range(3):
+            carry, _, flags_ = stepper.step(carry, *args, n=n, random=False, update_count=i, progress=0.5)
+        jax.block_until_ready(flags_)
+        times.append((time.perf_counter() - t) / 3)
+    step_s = float(np.median(times))
+    # the work of that step, counted on the plain XLA conv lowering (cost analysis counts a
+    # chunked conv loop's body once), over all devices
+    plain = cfg
+    if case == "pixel_sac":
+        plain = config_flags.replace(cfg, encoder_kwargs=(("conv_impl", "plain"),))
+    elif case == "rainbow":
+        plain = config_flags.replace(cfg, torso_kwargs=(("conv_impl", "plain"),))
+    p_trainer = cls(plain, trainer.spec, data_shards=shape.data)
+    p_step = loop.Stepper(p_trainer, lay)._compile(n, False)
+    p_carry = loop.init_carry(p_trainer, loop.seed_keys(seeds), lay)
+    stop = lay.put_per_device(np.zeros(len(lay.blocks), np.int32))
+    lowered = p_step.lower(p_carry, *(lay.put_envs(a) for a in args), stop, np.int32(0), np.float32(0.5))
+    cost = lowered.compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    gflop = float(cost.get("flops", float("nan"))) * shape.size / 1e9
+    peak_gflops, _ = matmul_peak_gflops(repeats=FLAGS.repeats)
+    _emit(dict(bench="scaling", case=case, mesh=str(shape), seeds=len(seeds), e2e=e2e,
+               step_s=step_s, updates=n, gflop=gflop, peak_gflops=peak_gflops,
+               floor_s=gflop / peak_gflops, unit="frames" if case == "rainbow" else "env steps"))
+
+
+@benchmark
+def scaling():
+    """Update time and end-to-end throughput against the mesh, each mesh in its own process."""
+    if FLAGS.scaling_case:
+        return _scaling_case()
+    n = FLAGS.devices
+    sizes = [k for k in range(1, n + 1) if n % k == 0]
+    meshes = [(f"seed:{k}", n) for k in sizes] + [(f"data:{k}", 1) for k in sizes]   # (mesh, seeds)
+    platform = jax.default_backend()
+    virtual = " (virtual, sharing this CPU)" if platform == "cpu" else ""
+    print(f"scaling: {n} {platform} devices per process{virtual}; seed:k runs {n} seeds on k "
+          f"devices, data:k one seed on k devices (its 4 envs, its replay and each batch split); "
+          f"end to end = the steps of a {FLAGS.scaling_steps}-step run after its last compile; "
+          f"step = one device step with 4 updates per seed "
+          f"(median of {FLAGS.repeats} x 3); floor = that step's FLOPs (XLA cost analysis, all "
+          "devices) at this process's float32 matmul peak (`bench peak`)")
+    env_update = {}
+    if platform == "cpu":
+        env_update["JAX_NUM_CPU_DEVICES"] = str(n)
+    for case in FLAGS.scaling_cases:
+        for mesh, num_seeds in meshes:
+            recs = _rerun_self("scaling", env_update, (
+                f"--scaling_case={case}", f"--mesh={mesh}", f"--scaling_seeds={num_seeds}",
+                f"--devices={n}", f"--scaling_steps={FLAGS.scaling_steps}"))
+            r = [x for x in recs if x.get("bench") == "scaling"][0]
+            _emit(r)
+            print(f"  {case:9s} {r['mesh']:14s} {r['seeds']} seed(s): end to end {r['e2e']:7.0f} "
+                  f"{r['unit']}/s; step {r['step_s'] * 1e3:7.1f} ms = {r['step_s'] / r['floor_s']:5.2f}x "
+                  f"its floor ({r['gflop']:.2f} GFLOP at {r['peak_gflops']:.0f} GFLOP/s)", flush=True)
 
 
 flags.DEFINE_list("checkpoint_cases", ["sac_pixels_100k", "rainbow_atari_1m"],

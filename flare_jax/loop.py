@@ -9,9 +9,11 @@ loop writes the device step once for every agent (`Stepper`),
 
     store frames -> add to the replay, push on the stacks -> n x (sample -> update) -> act,
 
-`jax.vmap`s it over a leading seed axis S (every seed has its own agent, replay, stacks, keys and
-envs; no communication), jits it (the carry donated) and calls it once per loop iteration. The
-host side owns everything else: the schedule (`Schedule`: warm-up, update cadence, evaluation,
+`jax.vmap`s it over the seeds of a device (every seed has its own agent, replay, stacks, keys and
+envs), `jax.shard_map`s that over the run's device mesh (`flare_jax.mesh`: a seed axis, and a
+data axis over which one agent's envs, replay and batch are split and its gradients averaged),
+jits it (the carry donated) and calls it once per loop iteration. The host side owns
+everything else: the schedule (`Schedule`: warm-up, update cadence, evaluation,
 checkpoints, counted in loop iterations converted from the units the flags name), envpool
 stepping, the stall watchdog, Ctrl-C/SIGTERM, logging and progress, the divergence guard, the
 output-directory lock and resume.
@@ -19,6 +21,10 @@ output-directory lock and resume.
 Units. One loop iteration is one `env.step` of every env: `num_envs` agent steps per seed
 (`Schedule.agent_steps_per_iteration`); the logs' x-axis counts `Schedule.unit` ("env steps" =
 agent steps x action repeat for DMC, "frames" = agent steps x 4 for Atari) per seed.
+
+Several hosts: every process runs the loop with the same config; each steps the envs of its
+own devices' shards; stop requests and the divergence flag are reduced over the mesh inside the
+device step, so all processes stop at the same step; process 0 alone logs and writes.
 
 Checkpoints (`flare_jax.checkpoint`) bundle the whole carry (agent, replay with PER trees, frame
 stacks, last actions, PRNG keys; the replay only with `checkpoint_replay`), the host counters
@@ -307,6 +313,9 @@ class RunResult:
     message: str = ""
     exit_code: int = 0
     unit: str = ""                    # of the evaluation steps: "env steps" or "frames"
+    # loop iterations and their wall seconds since the last step that compiled a new device
+    # program (the steady state, evaluations and checkpoints included)
+    steady: tuple[int, float] = (0, 0.0)
 
     @property
     def final(self) -> Optional[tuple]:
@@ -749,6 +758,8 @@ class _Run:
         diverged = None
         stopping = False          # some process was asked to stop (the flags of the last step)
         c.finished = False
+        programs, new_program = set(), True     # (n, random) of the compiled device steps
+        steady_from = (c.iteration, time.time())
 
         def check(flags_host) -> bool:
             nonlocal diverged, stopping
@@ -765,6 +776,8 @@ class _Run:
                     action = self.stepper.actions(carry)
                     if not check(np.asarray(flags)) or stopping:
                         break
+                    if new_program:      # the previous step compiled (and ran): restart the clock
+                        steady_from, new_program = (c.iteration, time.time()), False
                     ts = env.step(action)
                     c.iteration += 1
                     for i in np.flatnonzero(ts.last):
@@ -775,8 +788,10 @@ class _Run:
                         if c.iteration % sched.update_every == 0:
                             n = int(c.owed + 1e-9)
                             c.owed -= n
-                    carry, m, flags = self._step(carry, ts, n, c.iteration < sched.random_until, c,
-                                                 stop=stop.requested)
+                    random = c.iteration < sched.random_until
+                    new_program = (n, random) not in programs
+                    programs.add((n, random))
+                    carry, m, flags = self._step(carry, ts, n, random, c, stop=stop.requested)
                     if n:
                         c.updates += n
                         metrics = m
@@ -802,6 +817,7 @@ class _Run:
                                         updates=c.updates)
                 if diverged is None and not stopping:
                     check(np.asarray(flags))   # the last step's flags
+                result.steady = (c.iteration - steady_from[0], time.time() - steady_from[1])
         finally:
             progress.close()
         interrupted = stopping or stop.requested

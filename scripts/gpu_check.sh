@@ -28,6 +28,11 @@ if [ "$PART" != tests ]; then
   run sac_update 120 python3 -m experiments.bench sac_update --repeats=5
   run seeds 100 python3 -m experiments.bench seeds --num_seeds=1,4,8,16 --repeats=3
   run rainbow 90 python3 -m experiments.bench rainbow --repeats=3 --e2e_frames=8000
+  # the device mesh on all local GPUs; its runs need envpool (DMC, Atari): without it (the lent
+  # H200 image) this part stops at its env, reported, not hidden
+  NGPU=$(nvidia-smi -L | wc -l)
+  run scaling 240 python3 -m experiments.bench scaling --devices="$NGPU" --repeats=3 \
+    --scaling_cases=state_sac,pixel_sac,rainbow
 fi
 if [ "$PART" != bench ]; then
   # unit tests on the GPU at full float32 precision (the CPU tolerances assume no TF32)
