@@ -486,6 +486,8 @@ flags.DEFINE_list("scaling_cases", ["state_sac", "pixel_sac", "rainbow"], "scali
 flags.DEFINE_string("scaling_case", None, "scaling: (internal) one case in this process")
 flags.DEFINE_string("mesh", "", "scaling: (internal) the mesh of --scaling_case")
 flags.DEFINE_integer("scaling_seeds", 1, "scaling: (internal) the seeds of --scaling_case")
+flags.DEFINE_list("scaling_meshes", [], "scaling: only these meshes (e.g. seed:4,data:1; default: "
+                  "seed:k and data:k for every k dividing --devices)")
 flags.DEFINE_integer("scaling_steps", 40, "scaling: loop steps of the timed end-to-end run")
 
 
@@ -572,6 +574,8 @@ def scaling():
     n = FLAGS.devices
     sizes = [k for k in range(1, n + 1) if n % k == 0]
     meshes = [(f"seed:{k}", n) for k in sizes] + [(f"data:{k}", 1) for k in sizes]   # (mesh, seeds)
+    if FLAGS.scaling_meshes:
+        meshes = [m for m in meshes if m[0] in FLAGS.scaling_meshes]
     platform = jax.default_backend()
     virtual = " (virtual, sharing this CPU)" if platform == "cpu" else ""
     print(f"scaling: {n} {platform} devices per process{virtual}; seed:k runs {n} seeds on k "

@@ -266,7 +266,8 @@ def gather_hosts(x: np.ndarray) -> np.ndarray:
     if jax.process_count() == 1:
         return x[None]
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return np.asarray(multihost_utils.process_allgather(x))
+    # through jax arrays: 64-bit values travel as 32-bit (x64 off) and come back in x's dtype
+    return np.asarray(multihost_utils.process_allgather(x)).astype(x.dtype)
 
 
 def barrier(name: str):
