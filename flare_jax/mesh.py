@@ -97,11 +97,6 @@ def resolve(spec: str, num_seeds: int, num_envs: int, batch_size: int,
 
 def check(shape: MeshShape, num_seeds: int, num_envs: int, batch_size: int, num_devices: int):
     """Raises ValueError (one line, with the valid choices) when `shape` does not fit the run."""
-    if shape.size > num_devices:
-        platform = jax.devices()[0].platform if num_devices else "?"
-        hint = " (on CPU, JAX_NUM_CPU_DEVICES=N makes N virtual devices)" if platform == "cpu" else ""
-        raise ValueError(f"--mesh={shape} needs {shape.size} devices, {num_devices} {platform} "
-                         f"device(s) are visible{hint}")
     if num_seeds % shape.seed:
         raise ValueError(f"--mesh={shape}: the seed axis ({shape.seed} devices) must divide the "
                          f"{num_seeds} seeds; valid seed-axis sizes for {num_seeds} seeds: "
@@ -112,6 +107,11 @@ def check(shape: MeshShape, num_seeds: int, num_envs: int, batch_size: int, num_
     if batch_size % shape.data:
         raise ValueError(f"--mesh={shape}: --batch_size={batch_size} must be divisible by the data "
                          f"axis ({shape.data} devices): use a multiple of {shape.data}")
+    if shape.size > num_devices:
+        platform = jax.devices()[0].platform if num_devices else "?"
+        hint = " (on CPU, JAX_NUM_CPU_DEVICES=N makes N virtual devices)" if platform == "cpu" else ""
+        raise ValueError(f"--mesh={shape} needs {shape.size} devices, {num_devices} {platform} "
+                         f"device(s) are visible{hint}")
 
 
 def make(shape: MeshShape, devices: Optional[Sequence] = None) -> jax.sharding.Mesh:

@@ -162,8 +162,8 @@ def rainbow_update():
 
 def _tiny_sac(seeds, mesh="", out_dir=None, num_envs=2, **kw):
     return sac_train.TrainConfig(
-        task="cartpole_swingup", pixels=False, env_steps=8 * 2 * 30, init_steps=20,
-        eval_every=30, eval_episodes=2, batch_size=16, replay_capacity=400, max_episode_steps=160,
+        task="cartpole_swingup", pixels=False, env_steps=8 * 2 * 24, init_steps=20,
+        eval_every=24, eval_episodes=2, batch_size=16, replay_capacity=400, max_episode_steps=160,
         num_envs=num_envs,
         sac=sac.SACConfig(encoder="state_full", hidden_dim=32, augmentation="none"),
         run=RunConfig(seeds=seeds, out_dir=out_dir, mesh=mesh, tensorboard=False), **kw)
@@ -180,7 +180,7 @@ def seed_axis(agent: str):
     shard would give (those change every value at O(1)).
     """
     rb = rainbow_train.RainbowTrainConfig(
-        game="CartPole-v1", frames=2 * 60, num_envs=2, eval_every_frames=60, eval_frames=40,
+        game="CartPole-v1", frames=2 * 40, num_envs=2, eval_every_frames=40, eval_frames=40,
         eval_envs=2, learn_period_frames=2, batch_size=8, replay_capacity=200, min_replay=16,
         rainbow=rainbow.RainbowConfig(torso="mlp", head_hidden=16),
         run=RunConfig(seeds=(0, 1, 2, 3), tensorboard=False))

@@ -92,10 +92,10 @@ def test_two_process_multi_host_run_on_localhost(tmp_path):
     for i, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0 and f"OK multihost {i}" in log, log[-4000:]
     digests = [[l for l in log.splitlines() if l.startswith("DIGEST")] for log in logs]
-    assert digests[0] == digests[1] and len(digests[0]) == 1
+    assert digests[0] == digests[1] and len(digests[0]) == 1, (digests, logs[0][-2000:], logs[1][-2000:])
     evals = [[l for l in log.splitlines() if l.startswith("EVALS")] for log in logs]
-    assert evals[0] == evals[1]
-    assert "[sac] done" in logs[0] and "[sac]" not in logs[1]       # process 1 logs nothing
+    assert evals[0] == evals[1], evals
+    assert "[sac] done" in logs[0] and "[sac]" not in logs[1], logs[1][-3000:]   # 1 logs nothing
     with open(os.path.join(out, "seed_0", "eval.csv")) as f:
         steps = [int(r["step"]) for r in csv.DictReader(f)]
     assert steps == sorted(set(steps)) and steps[-1] == 8 * 4 * 60     # one writer: no duplicates
