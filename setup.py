@@ -3,7 +3,7 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-_TEST_ONLY = {"pytest", "pytest-xdist", "dm-haiku"}
+_TEST_ONLY = {"pytest", "pytest-xdist", "dm-haiku", "rliable", "nbclient", "nbformat", "ipykernel"}
 
 
 def _requirements():
