@@ -288,6 +288,77 @@ def _soft_update(target, online, tau: float):
     return jax.tree.map(lambda t, o: (1.0 - tau) * t + tau * o, target, online)
 
 
+def target_entropy(state: SACState) -> float:
+    """The temperature's entropy target: config.target_entropy, default -|A|."""
+    return (-float(state.action_dim) if state.config.target_entropy is None
+            else float(state.config.target_entropy))
+
+
+def critic_loss(critic_params, state: SACState, obs: Array, next_obs: Array, batch: Batch,
+                key: Array, axis_name: Optional[str] = None) -> tuple[Array, tuple[Array, Array]]:
+    """The critic loss MSE(Q1, y) + MSE(Q2, y) at `critic_params` -> (loss [], (q [2, B], y [B])).
+
+    y = r + discount * (min_i Q_target,i(s', a') - alpha log pi(a'|s')), a' ~ pi(.|s') drawn with
+    `key`, under stop_gradient; the actor, target and temperature are `state`'s. obs / next_obs
+    are the network's view [B, T, *frame] (`augment_batch`). Differentiable in critic_params:
+    the trunk (shared convs), head and Q MLPs; `update` uses exactly this function.
+    """
+    config = state.config
+    nets = _nets(config, state.action_dim)
+    alpha = jnp.exp(state.alpha.params["log_alpha"])
+    h_next_target = _trunk(nets, state.target, next_obs)
+    if config.share_frames and getattr(nets.encoder, "per_frame", False):
+        # encode obs's T frames and next_obs's newest frame only, T+1 in all
+        enc = lambda p, x, method: nets.encoder.apply({"params": p}, x, method=method)  # noqa: E731
+        # Frames whose latents need no gradient (the encoder's detached oldest d of obs, and
+        # next_obs's newest) go through the convs once with frozen parameters: no backward
+        # pass and no saved activations for them.
+        d = nets.encoder.detached_frames
+        frozen = jax.lax.stop_gradient(critic_params["trunk"])
+        z_frozen = enc(frozen, jnp.concatenate([obs[:, :d], next_obs[:, -1:]], axis=1),
+                       "encode_frames")                                   # [B, d + 1, ...]
+        z_live = enc(critic_params["trunk"], obs[:, d:], "encode_frames")  # [B, T - d, ...]
+        z = jnp.concatenate([z_frozen[:, :d], z_live], axis=1)            # [B, T, ...]
+        h = enc(critic_params["trunk"], z, "fuse_latents")
+        z_next = jax.lax.stop_gradient(jnp.concatenate([z[:, 1:], z_frozen[:, d:]], axis=1))
+        h_next = jax.lax.stop_gradient(enc(critic_params["trunk"], z_next, "fuse_latents"))
+    else:
+        h = _trunk(nets, critic_params, obs)
+        h_next = jax.lax.stop_gradient(_trunk(nets, critic_params, next_obs))
+    mean, log_std = _policy_from_trunk(nets, state.actor.params, h_next)
+    next_action, next_log_prob = _sample_action(mean, log_std, key, axis_name)
+    target_q = _q_from_trunk(nets, state.target, h_next_target, next_action)
+    target_v = jnp.min(target_q, 0) - alpha * next_log_prob
+    y = jax.lax.stop_gradient(batch.reward + batch.discount * target_v)
+    q = _q_from_trunk(nets, critic_params, h, batch.action)               # [2, B]
+    loss = jnp.sum(jnp.mean((q - y[None]) ** 2, axis=1))                  # MSE(Q1,y) + MSE(Q2,y)
+    return loss, (q, y)
+
+
+def actor_loss(actor_params, critic_params, state: SACState, obs: Array, key: Array,
+               axis_name: Optional[str] = None) -> tuple[Array, Array]:
+    """The actor loss mean(alpha log pi(a|s) - min_i Q_i(s, a)), a ~ pi(.|s) drawn with `key`
+    -> (loss [], log_prob [B]).
+
+    The policy reads the critic's trunk output under stop_gradient (the convs are the critic's
+    and get exactly zero gradient from this loss), and the Q heads are held fixed; alpha is
+    `state`'s. obs: the network's view [B, T, *frame].
+    """
+    nets = _nets(state.config, state.action_dim)
+    alpha = jnp.exp(state.alpha.params["log_alpha"])
+    h = jax.lax.stop_gradient(_trunk(nets, critic_params, obs))
+    mean, log_std = _policy_from_trunk(nets, actor_params, h)
+    action, log_prob = _sample_action(mean, log_std, key, axis_name)
+    q_pi = _q_from_trunk(nets, jax.lax.stop_gradient(critic_params), h, action)
+    return jnp.mean(alpha * log_prob - jnp.min(q_pi, 0)), log_prob
+
+
+def alpha_loss(alpha_params, log_prob: Array, entropy_target: float) -> Array:
+    """The temperature loss mean(alpha (-log pi - target entropy)), log_prob [B] held fixed."""
+    gap = jax.lax.stop_gradient(-log_prob - entropy_target)
+    return jnp.mean(jnp.exp(alpha_params["log_alpha"]) * gap)
+
+
 def update(state: SACState, batch: Batch, key: Array, count: Optional[Array] = None,
            axis_name: Optional[str] = None) -> tuple[SACState, dict]:
     """One SAC update: critic every call; actor+temperature and targets every 2 calls.
@@ -300,6 +371,7 @@ def update(state: SACState, batch: Batch, key: Array, count: Optional[Array] = N
     draws are the whole batch's rows (`flare_jax.mesh.batch_draw`), gradients and metrics are
     averaged over the axis before they are applied, so every shard applies the same update: the
     one-device update on the concatenated batch (shards of equal size), up to float sum order.
+    The losses are `critic_loss`, `actor_loss` and `alpha_loss`.
     """
     config = state.config
     count = state.updates if count is None else count
@@ -307,43 +379,13 @@ def update(state: SACState, batch: Batch, key: Array, count: Optional[Array] = N
     chex.assert_rank([batch.reward, batch.discount], 1)
     k_aug, k_next, k_pi = jax.random.split(key, 3)
     obs, next_obs = augment_batch(config, k_aug, batch, nets.encoder, axis_name)
-    alpha = jnp.exp(state.alpha.params["log_alpha"])
-
-    # --- critic: y = r + discount * (min Q_target(s', a') - alpha log pi(a'|s')), a' ~ pi(s')
-    h_next_target = _trunk(nets, state.target, next_obs)
     share = config.share_frames and getattr(nets.encoder, "per_frame", False)
 
-    def critic_loss_fn(params):
-        if share:   # encode obs's T frames and next_obs's newest frame only, T+1 in all
-            enc = lambda p, x, method: nets.encoder.apply({"params": p}, x, method=method)  # noqa: E731
-            # Frames whose latents need no gradient (the encoder's detached oldest d of obs, and
-            # next_obs's newest) go through the convs once with frozen parameters: no backward
-            # pass and no saved activations for them.
-            d = nets.encoder.detached_frames
-            frozen = jax.lax.stop_gradient(params["trunk"])
-            z_frozen = enc(frozen, jnp.concatenate([obs[:, :d], next_obs[:, -1:]], axis=1),
-                           "encode_frames")                                   # [B, d + 1, ...]
-            z_live = enc(params["trunk"], obs[:, d:], "encode_frames")        # [B, T - d, ...]
-            z = jnp.concatenate([z_frozen[:, :d], z_live], axis=1)            # [B, T, ...]
-            h = enc(params["trunk"], z, "fuse_latents")
-            z_next = jax.lax.stop_gradient(jnp.concatenate([z[:, 1:], z_frozen[:, d:]], axis=1))
-            h_next = jax.lax.stop_gradient(enc(params["trunk"], z_next, "fuse_latents"))
-        else:
-            h = _trunk(nets, params, obs)
-            h_next = jax.lax.stop_gradient(_trunk(nets, params, next_obs))
-        mean, log_std = _policy_from_trunk(nets, state.actor.params, h_next)
-        next_action, next_log_prob = _sample_action(mean, log_std, k_next, axis_name)
-        target_q = _q_from_trunk(nets, state.target, h_next_target, next_action)
-        target_v = jnp.min(target_q, 0) - alpha * next_log_prob
-        y = jax.lax.stop_gradient(batch.reward + batch.discount * target_v)
-        q = _q_from_trunk(nets, params, h, batch.action)                # [2, B]
-        loss = jnp.sum(jnp.mean((q - y[None]) ** 2, axis=1))            # MSE(Q1,y) + MSE(Q2,y)
-        return loss, (q, y)
-
-    (critic_loss, (q, y)), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(state.critic.params)
+    (c_loss, (q, y)), grads = jax.value_and_grad(critic_loss, has_aux=True)(
+        state.critic.params, state, obs, next_obs, batch, k_next, axis_name)
     grads = mesh_lib.pmean(grads, axis_name)
     critic = state.critic.apply_gradients(grads=grads)
-    metrics = mesh_lib.pmean({"critic_loss": critic_loss, "q_mean": jnp.mean(q),
+    metrics = mesh_lib.pmean({"critic_loss": c_loss, "q_mean": jnp.mean(q),
                               "target_q": jnp.mean(y)}, axis_name)
     metrics["critic_grad_norm"] = optax.global_norm(grads)
     if share:
@@ -355,26 +397,15 @@ def update(state: SACState, batch: Batch, key: Array, count: Optional[Array] = N
     # critic step, with the updated critic; the trunk output is detached).
     def actor_and_alpha(args):
         actor, alpha_state = args
-        h = jax.lax.stop_gradient(_trunk(nets, critic.params, obs))
-
-        def actor_loss_fn(actor_params):
-            mean, log_std = _policy_from_trunk(nets, actor_params, h)
-            action, log_prob = _sample_action(mean, log_std, k_pi, axis_name)
-            q_pi = _q_from_trunk(nets, jax.lax.stop_gradient(critic.params), h, action)
-            loss = jnp.mean(alpha * log_prob - jnp.min(q_pi, 0))
-            return loss, log_prob
-
-        (actor_loss, log_prob), actor_grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(actor.params)
+        (a_loss, log_prob), actor_grads = jax.value_and_grad(actor_loss, has_aux=True)(
+            actor.params, critic.params, state, obs, k_pi, axis_name)
         actor_grads = mesh_lib.pmean(actor_grads, axis_name)
         actor = actor.apply_gradients(grads=actor_grads)
-        target_entropy = (-float(state.action_dim) if config.target_entropy is None
-                          else config.target_entropy)
-        neg_entropy_gap = jax.lax.stop_gradient(-log_prob - target_entropy)
-        alpha_loss_fn = lambda p: jnp.mean(jnp.exp(p["log_alpha"]) * neg_entropy_gap)  # noqa: E731
-        alpha_loss, alpha_grad = jax.value_and_grad(alpha_loss_fn)(alpha_state.params)
+        t_loss, alpha_grad = jax.value_and_grad(alpha_loss)(alpha_state.params, log_prob,
+                                                            target_entropy(state))
         alpha_state = alpha_state.apply_gradients(grads=mesh_lib.pmean(alpha_grad, axis_name))
         return actor, alpha_state, {
-            **mesh_lib.pmean({"actor_loss": actor_loss, "alpha_loss": alpha_loss,
+            **mesh_lib.pmean({"actor_loss": a_loss, "alpha_loss": t_loss,
                               "entropy": -jnp.mean(log_prob)}, axis_name),
             "actor_grad_norm": optax.global_norm(actor_grads)}
 
