@@ -3,7 +3,7 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-_TEST_ONLY = {"pytest", "pytest-xdist", "dm-haiku", "rliable", "nbclient", "nbformat", "ipykernel"}
+_TEST_ONLY = {"pytest", "pytest-xdist", "dm-haiku", "rliable", "pandas", "nbclient", "nbformat", "ipykernel"}
 
 
 def _requirements():
@@ -24,6 +24,7 @@ setup(
         description="Reinforcement Learning with Latent Flow (Flare) in JAX: RAD-SAC and Rainbow",
         python_requires=">=3.11,<3.12",
         packages=find_packages(include=["flare_jax*", "agents*", "experiments*"]),
+        package_data={"experiments": ["data/*.json"]},
         install_requires=[r for r in _ALL if _name(r) not in _TEST_ONLY],
         extras_require={"test": [r for r in _ALL if _name(r) in _TEST_ONLY]},
 )

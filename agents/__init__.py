@@ -14,8 +14,11 @@ def trainers() -> dict:
     return {cls.name: cls for cls in (sac_train.SACTrainer, rainbow_train.RainbowTrainer)}
 
 
-def load_run(run_dir: str, seed: Optional[int] = None, step: Optional[int] = None):
-    """(config, state) of a run directory's newest readable checkpoint (or `step`).
+def load_run(run_dir: str, seed: Optional[int] = None, step: Optional[int] = None,
+             with_trainer: bool = False):
+    """(config, state) of a run directory's newest readable checkpoint (or `step`); with
+    `with_trainer`, (config, state, trainer): the run's `flare_jax.loop.Trainer` (its replay
+    layout, `learn`, `act`), e.g. to draw batches from the restored replay in a notebook.
 
     config: the run's TrainConfig / RainbowTrainConfig (from config.json); state: the
     `flare_jax.loop.Carry` of `seed`: agent and key, and the replay, stacks [D, E / D, T, ...]
@@ -28,10 +31,15 @@ def load_run(run_dir: str, seed: Optional[int] = None, step: Optional[int] = Non
     cls = trainers().get(record.get("agent"))
     if cls is None:
         raise ValueError(f"{run_dir}: unknown agent {record.get('agent')!r}; known: {sorted(trainers())}")
-    config, _, carry, _ = loop.load_state(cls, run_dir, step)
-    if seed is None:
-        return config, carry
-    if seed not in config.run.seeds:
-        raise ValueError(f"seed {seed} is not in {run_dir}'s seeds {list(config.run.seeds)}")
-    i = config.run.seeds.index(seed)
-    return config, jax.tree.map(lambda x: x[i], carry)
+    if seed is not None and seed not in config_seeds(record):
+        raise ValueError(f"seed {seed} is not in {run_dir}'s seeds {config_seeds(record)}")
+    config, trainer, carry, _ = loop.load_state(cls, run_dir, step)
+    if seed is not None:
+        i = config.run.seeds.index(seed)
+        carry = jax.tree.map(lambda x: x[i], carry)
+    return (config, carry, trainer) if with_trainer else (config, carry)
+
+
+def config_seeds(record: dict) -> list:
+    """The seeds of a run's config.json record."""
+    return list(record["config"]["run"]["seeds"])

@@ -84,13 +84,18 @@ def _parse_flags(argv):
         fail(str(err))
 
 
-def run_main(main: Callable):
+def run_main(main: Callable, subcommands: Sequence[str] = ()):
     """`app.run(main)` with bad flags and the USER_ERRORS of main turned into one line on stderr
-    and exit status 2."""
+    and exit status 2. With `subcommands`, argv must name exactly one of them (main gets
+    [program, subcommand]); without, positional arguments are refused."""
     def wrapped(argv):
         if not flags.FLAGS["verbosity"].present:   # orbax logs every save at INFO
             absl_logging.set_verbosity(absl_logging.WARNING)
-        if len(argv) > 1:
+        if subcommands:
+            if len(argv) != 2 or argv[1] not in subcommands:
+                got = f" (got: {' '.join(argv[1:])})" if len(argv) > 1 else ""
+                fail(f"give one subcommand: {', '.join(subcommands)}{got}")
+        elif len(argv) > 1:
             fail(f"unexpected arguments: {' '.join(argv[1:])}")
         try:
             return main(argv)

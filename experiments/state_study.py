@@ -24,6 +24,7 @@ study runs in it.
 from __future__ import annotations
 
 import csv
+import glob
 import os
 import signal
 import subprocess
@@ -36,15 +37,13 @@ import numpy as np
 
 from agents import sac_train
 from experiments import cli, presets
-from experiments.report import load_runs, mean_and_se
+from experiments import report
+from experiments import scores as sc
 from flare_jax import config_flags, loop, runtime
 from flare_jax.envs import dmc_tasks
 from flare_jax.logging import write_command
 
 VARIANTS = ("state_full", "state_position", "state_flare", "state_stack", "state_recurrent")
-LABELS = {"state_full": "full state", "state_position": "position only",
-          "state_flare": "state-Flare", "state_stack": "position stack",
-          "state_recurrent": "recurrent (LSTM)"}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("tasks", ["cartpole_swingup", "pendulum_swingup", "walker_walk"],
@@ -153,44 +152,24 @@ def run_study(configs, log=print, in_process: bool = True, sizes=None):
 
 
 def summarise(tasks, variants, out_dir, title="") -> tuple[str, str]:
-    """Writes curves.png, final_returns.md and summary.csv; returns (markdown table, png path)."""
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-    import matplotlib.ticker  # pylint: disable=g-import-not-at-top
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
-    rows = []
-    for ax, task in zip(axes[0], tasks):
-        for k, variant in enumerate(variants):
-            run_dir = os.path.join(out_dir, task, variant)
-            try:
-                runs = load_runs(run_dir)
-            except FileNotFoundError:
-                continue
-            curves = [r for _, r in runs.values()]
-            steps = min((s for s, _ in runs.values()), key=len)
-            mean, se = mean_and_se(curves)
-            color = f"C{k}"
-            ax.plot(steps[:len(mean)], mean, label=LABELS.get(variant, variant), color=color)
-            ax.fill_between(steps[:len(mean)], mean - se, mean + se, alpha=0.2, color=color)
-            finals = np.array([c[-1] for c in curves])
-            fse = finals.std(ddof=1) / np.sqrt(len(finals)) if len(finals) > 1 else 0.0
-            rows.append(dict(task=task, variant=variant, seeds=len(finals),
-                             env_steps=int(steps[len(mean) - 1]), final_mean=finals.mean(),
-                             final_se=fse, finals=" ".join(f"{v:.1f}" for v in finals)))
-        ax.set_title(task, fontsize=10)
-        ax.set_xlabel("environment steps")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(
-            lambda v, _: f"{v / 1000:g}k" if v else "0"))
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("evaluation return")
-    axes[0][-1].legend(fontsize=8, loc="best")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    """Writes curves.png (`experiments.report` curves), final_returns.md and summary.csv;
+    returns (markdown table, png path). (task, variant) pairs without runs yet are left out."""
+    present = [(t, v) for t in tasks for v in variants
+               if glob.glob(os.path.join(out_dir, t, v, "seed_*", "eval.csv"))]
+    groups = {}
+    for t, v in present:
+        groups.update(report.load([os.path.join(out_dir, t, v)]))
     png = os.path.join(out_dir, "curves.png")
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    if groups:
+        report.plot_curves(groups, png, title, variants)
+    rows = []
+    for task, variant in present:
+        runs = groups[task, variant]
+        finals = np.array([r.returns[-1] for r in runs])
+        fse = finals.std(ddof=1) / np.sqrt(len(finals)) if len(finals) > 1 else 0.0
+        rows.append(dict(task=task, variant=variant, seeds=len(finals),
+                         env_steps=int(runs[0].steps[-1]), final_mean=finals.mean(),
+                         final_se=fse, finals=" ".join(f"{v:.1f}" for v in finals)))
     with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
         if rows:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -204,7 +183,7 @@ def summarise(tasks, variants, out_dir, title="") -> tuple[str, str]:
         for task in tasks:
             r = by.get((task, variant))
             cells.append("-" if r is None else f"{r['final_mean']:.1f} +- {r['final_se']:.1f}")
-        lines.append(f"| {LABELS.get(variant, variant)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {sc.variant_label(variant)} | " + " | ".join(cells) + " |")
     steps_note = ", ".join(sorted({f"{r['task']}: {r['env_steps']:,d}" for r in rows}))
     table = "\n".join(lines)
     md = (f"# Final evaluation return (mean +- s.e. over seeds)\n\n{table}\n\n"
@@ -217,7 +196,7 @@ def summarise(tasks, variants, out_dir, title="") -> tuple[str, str]:
                 r, full = by.get((task, variant)), by.get((task, "state_full"))
                 ok = r is not None and full is not None and full["final_mean"] > 0
                 cells.append(f"{100 * r['final_mean'] / full['final_mean']:.0f}%" if ok else "-")
-            rel.append(f"| {LABELS.get(variant, variant)} | " + " | ".join(cells) + " |")
+            rel.append(f"| {sc.variant_label(variant)} | " + " | ".join(cells) + " |")
         md += ("\n## Final return as a share of full state's\n\n" + "\n".join(rel) + "\n")
     with open(os.path.join(out_dir, "final_returns.md"), "w") as f:
         f.write(md)

@@ -63,8 +63,18 @@ CASES = {
                                      "--out_dir={tmp}/study"], ["env_steps must be >= 1"]),
     "study_unknown_task": (STUDY, ["--tasks=cartpole_swingdown", "--out_dir={tmp}/study"],
                            ["unknown DMC task", "cartpole_swingup"]),
-    "report_missing_run_dir": (REPORT, ["--run_dir={tmp}/nothing", "--out={tmp}/out"], ["does not exist"]),
-    "report_malformed_csv": (REPORT, ["--run_dir={tmp}/bad", "--out={tmp}/out"], ["line 3: bad row"]),
+    "report_missing_run_dir": (REPORT, ["curves", "--runs={tmp}/nothing", "--out={tmp}/out"],
+                               ["does not exist"]),
+    "report_malformed_csv": (REPORT, ["aggregate", "--runs={tmp}/bad", "--out={tmp}/out"],
+                             ["line 3: bad row"]),
+    "report_no_eval_csv": (REPORT, ["table", "--runs={tmp}/bad", "--out={tmp}/out"],
+                           ["has no eval.csv"]),
+    "report_unknown_subcommand": (REPORT, ["histogram", "--out={tmp}/out"],
+                                  ["give one subcommand", "aggregate", "flow"]),
+    "report_unknown_published_table": (REPORT, ["table", "--runs={tmp}/bad", "--table=table9",
+                                                "--out={tmp}/out"], ["unknown published table", "flare_table1"]),
+    "report_flow_of_frame_stack": (REPORT, ["flow", "--run={tmp}/bad", "--out={tmp}/out"],
+                                   ["computes no latent flow", "flare"]),
 }
 
 
@@ -74,10 +84,14 @@ def _prepare(name: str, tmp: str):
     if name == "resume_false_with_a_used_out_dir":
         os.makedirs(os.path.join(tmp, "used"))
         open(os.path.join(tmp, "used", "config.json"), "w").write("{}")
-    if name == "report_malformed_csv":
+    if name.startswith("report_"):     # a frame-stack SAC run whose eval.csv is malformed
         os.makedirs(os.path.join(tmp, "bad", "seed_0"))
-        with open(os.path.join(tmp, "bad", "seed_0", "eval.csv"), "w") as f:
-            f.write("step,return_mean\n1000,1.5\n2000,oops\n")
+        with open(os.path.join(tmp, "bad", "config.json"), "w") as f:
+            f.write('{"agent": "sac", "config": {"task": "cartpole_swingup", '
+                    '"sac": {"encoder": "frame_stack"}}}')
+        if name != "report_no_eval_csv":
+            with open(os.path.join(tmp, "bad", "seed_0", "eval.csv"), "w") as f:
+                f.write("step,return_mean\n1000,1.5\n2000,oops\n")
 
 
 @pytest.fixture(scope="module")
