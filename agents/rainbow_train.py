@@ -27,13 +27,15 @@ import jax
 import jax.numpy as jnp
 
 from agents import rainbow
-from flare_jax import loop, mesh as mesh_lib, prioritized as per, replay as rp, stacking
+from flare_jax import loop, mesh as mesh_lib, prioritized as per, replay as rp, stacking, video
 from flare_jax.envs.atari import FRAMES_PER_STEP, GAMES, GYM_TASKS, AtariEnv, GymVectorEnv, get_game
 from flare_jax.loop import RunConfig
 
 Array = jax.Array
 EVAL_SEED_OFFSET = 500
 RESUME_SEED_STRIDE = 100_003
+VIDEO_SEED_OFFSET = 900    # the video env of the first seed s: s * 1000 + 900 (+ resumes x stride)
+VIDEO_GYM_TASKS = ("CartPole-v1", "CartPole-v0")   # vector tasks with a (schematic) picture
 
 
 def _f(default, help_: str, **extra):
@@ -88,6 +90,9 @@ class RainbowTrainConfig:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.priority_exponent < 0:
             raise ValueError(f"priority_exponent must be >= 0, got {self.priority_exponent}")
+        if self.run.video_every and self.vector_obs and self.game not in VIDEO_GYM_TASKS:
+            raise ValueError(f"--video_every: no pictures for {self.game!r}; videos exist for the "
+                             f"Atari games and {', '.join(VIDEO_GYM_TASKS)} (or --video_every=0)")
         if self.vector_obs != (self.rainbow.torso == "mlp"):
             raise ValueError(f"torso {self.rainbow.torso!r} does not fit {self.game!r}: use "
                              "--torso=mlp for vector observations and atari_flare or "
@@ -170,6 +175,22 @@ class RainbowTrainer(loop.Trainer):
             return GymVectorEnv(config.game, num_envs=len(seeds), seed=seeds)
         return AtariEnv(config.game, num_envs=len(seeds), seed=seeds,
                         max_episode_frames=config.max_episode_frames)
+
+    @classmethod
+    def make_video_env(cls, config: RainbowTrainConfig, resumes: int = 0):
+        """The first seed's video env (loop.Trainer.make_video_env): Atari, a one-env AtariEnv
+        whose 84 x 84 grey observation frames are the pictures (as RGB); CartPole, a one-env
+        GymVectorEnv drawn schematically from its state (`video.draw_cartpole`: no renderer
+        exists for envpool's classic-control tasks)."""
+        seed = config.run.seeds[0] * 1000 + VIDEO_SEED_OFFSET + RESUME_SEED_STRIDE * resumes
+        if config.vector_obs:
+            if config.game not in VIDEO_GYM_TASKS:
+                raise ValueError(f"no pictures for {config.game!r}: videos exist for the Atari "
+                                 f"games and {', '.join(VIDEO_GYM_TASKS)}")
+            return video.ObservationVideoEnv(GymVectorEnv(config.game, num_envs=1, seed=seed),
+                                             video.draw_cartpole, "drawn schematically from the state")
+        env = AtariEnv(config.game, num_envs=1, seed=seed, max_episode_frames=config.max_episode_frames)
+        return video.ObservationVideoEnv(env, video.to_rgb, "the agent's grey frames")
 
     def describe(self, env) -> str:
         c = self.config

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from agents import sac
-from flare_jax import augment, loop, mesh as mesh_lib, replay as rp, stacking
+from flare_jax import augment, loop, mesh as mesh_lib, replay as rp, stacking, video
 from flare_jax.envs import dmc_tasks
 from flare_jax.envs.dmc import DMCEnv
 from flare_jax.loop import RunConfig
@@ -33,6 +33,7 @@ Array = jax.Array
 STORE_CROP = 100           # pixels are stored as the 100x100 centre of the render
 EVAL_SEED_OFFSET = 500     # env j of seed s: s * 1000 + j (+ 500 for evaluation envs)
 RESUME_SEED_STRIDE = 100_003   # a resumed run's envs: + resumes x this, new episodes
+VIDEO_SEED_OFFSET = 900    # the video env of the first seed s: s * 1000 + 900 (+ resumes x stride)
 
 
 def _f(default, help_: str, **extra):
@@ -161,6 +162,23 @@ class SACTrainer(loop.Trainer):
         return DMCEnv(config.task, num_envs=len(seeds), seed=seeds, pixels=config.pixels,
                       obs="full" if kind == "pixels" else kind, size=config.sac.image_size,
                       action_repeat=config.repeat, max_episode_steps=config.max_episode_steps)
+
+    @classmethod
+    def make_video_env(cls, config: TrainConfig, resumes: int = 0):
+        """The first seed's video env (loop.Trainer.make_video_env). From pixels: a one-env
+        DMCEnv whose observation frames (the agent's view, `image_size` px, the last render of
+        each agent step) are the pictures; from states: `video.DMCRenderEnv` on dm_control
+        (envpool's state envs do not render), the same task, state layout, action repeat,
+        time limit and action rescaling, rendered at 240 x 320 px from the task's camera."""
+        seed = config.run.seeds[0] * 1000 + VIDEO_SEED_OFFSET + RESUME_SEED_STRIDE * resumes
+        if config.pixels:
+            env = DMCEnv(config.task, num_envs=1, seed=seed, pixels=True, obs="full",
+                         size=config.sac.image_size, action_repeat=config.repeat,
+                         max_episode_steps=config.max_episode_steps)
+            return video.ObservationVideoEnv(env, lambda frame: frame, "the agent's pixel frames")
+        return video.DMCRenderEnv(config.task, seed=seed, obs=config.sac.make_encoder().observation,
+                                  action_repeat=config.repeat,
+                                  max_episode_steps=config.max_episode_steps)
 
     def describe(self, env) -> str:
         c = self.config

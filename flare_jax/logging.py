@@ -2,7 +2,8 @@
 
 One `RunLogger` per run directory. `log(kind, step, values)` appends a row to `<dir>/<kind>.csv`
 (written and closed at once, so nothing is lost on interruption) and writes the scalars to
-TensorBoard under `<kind>/<name>`.
+TensorBoard under `<kind>/<name>`; `image(step, tag, hwc_uint8)` writes an image (TensorBoard
+only, e.g. the frame strip of an evaluation video).
 """
 from __future__ import annotations
 
@@ -63,6 +64,12 @@ class RunLogger:
             self._tb.write(int(step), {f"{kind}/{k}": v for k, v in row.items()
                                        if k != "step" and not isinstance(v, str) and np.isfinite(v)})
 
+    def image(self, step: int, tag: str, image: np.ndarray):
+        """Writes an [H, W, 3] (or [H, W, 1]) uint8 image to TensorBoard under `tag` at `step`
+        (nothing without TensorBoard)."""
+        if self._tb is not None:
+            self._tb.image(int(step), tag, image)
+
     def close(self):
         if self._tb is not None:
             self._tb.close()
@@ -76,9 +83,9 @@ class _TensorBoard:
     def __init__(self, logdir: str, purge_step: Optional[int] = None):
         from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=g-import-not-at-top
         from tensorboardX.proto.event_pb2 import Event, SessionLog  # pylint: disable=g-import-not-at-top
-        from tensorboardX.summary import scalar  # pylint: disable=g-import-not-at-top
+        from tensorboardX.summary import image, scalar  # pylint: disable=g-import-not-at-top
         os.makedirs(logdir, exist_ok=True)
-        self._event, self._scalar = Event, scalar
+        self._event, self._scalar, self._image = Event, scalar, image
         self._writer = EventsWriter(os.path.join(logdir, "events"))
         if purge_step is not None:
             self._writer.write_event(Event(step=purge_step, wall_time=time.time(),
@@ -89,6 +96,15 @@ class _TensorBoard:
         for tag, value in scalars.items():
             self._writer.write_event(self._event(wall_time=time.time(), step=step,
                                                  summary=self._scalar(tag, float(value))))
+        self._writer.flush()
+
+    def image(self, step: int, tag: str, image: np.ndarray):
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"a TensorBoard image must be [H, W, 1|3|4] uint8, got "
+                             f"{list(image.shape)} {image.dtype}")
+        self._writer.write_event(self._event(wall_time=time.time(), step=step,
+                                             summary=self._image(tag, image, dataformats="HWC")))
         self._writer.flush()
 
     def close(self):

@@ -34,6 +34,12 @@ differ, e.g. the budget), the logs are cut back to its step, the envs start new 
 internal state is not saved; env seeds move on with `Counters.resumes`), and the device state
 continues bit for bit. An interrupted run saves a checkpoint and returns status "interrupted".
 
+Videos (`RunConfig.video_every` = N > 0): at every N-th evaluation and at the final one, process 0
+(when it holds seed index 0's evaluation) plays one more deterministic episode of the first seed
+on its own env (`Trainer.make_video_env`) with its own key, and writes it as
+`<out_dir>/seed_<first seed>/videos/eval_<step>.mp4` and a TensorBoard frame strip
+(`flare_jax.video`); nothing else changes, so the logs equal those of a run without videos.
+
 Divergence guard: every device step returns whether its losses, gradient norms, parameter norm
 and actions are all finite; the host checks that flag before the actions reach the envs, before
 an evaluation and before a checkpoint, and stops with status "diverged" naming the step, the
@@ -59,6 +65,7 @@ from flare_jax import checkpoint as ckpt_lib
 from flare_jax import config_flags
 from flare_jax import mesh as mesh_lib
 from flare_jax import replay as rp
+from flare_jax import video as video_lib
 from flare_jax.logging import Progress, RunLogger, write_command
 from flare_jax.runtime import RunDirLock, StallWatchdog, StopRequests
 
@@ -105,6 +112,14 @@ class RunConfig:
         default=None, metadata=_help("multi-host: number of processes"))
     process_id: Optional[int] = dataclasses.field(
         default=None, metadata=_help("multi-host: this process's index (0 writes logs and checkpoints)"))
+    video_every: int = dataclasses.field(
+        default=0, metadata=_help("evaluations between videos: one deterministic evaluation episode "
+                                  "of the first seed as <out_dir>/seed_<s>/videos/eval_<step>.mp4 "
+                                  "(and a TensorBoard frame strip) at every N-th evaluation and "
+                                  "at the final one; 0: no videos"))
+    video_max_steps: int = dataclasses.field(
+        default=1000, metadata=_help("agent steps at most in a video episode (DMC episodes have "
+                                     "1000 / action repeat; Atari up to 27,000)"))
 
     def __post_init__(self):
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
@@ -119,6 +134,11 @@ class RunConfig:
         for name in ("keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.video_every < 0:
+            raise ValueError(f"video_every must be >= 0 evaluations (0: no videos), got "
+                             f"{self.video_every}")
+        if self.video_max_steps < 1:
+            raise ValueError(f"video_max_steps must be >= 1 agent step, got {self.video_max_steps}")
         mesh_lib.parse_spec(self.mesh)
         if self.coordinator_address not in (None, "", "auto"):
             if self.num_processes is None or self.process_id is None:
@@ -136,7 +156,7 @@ class RunConfig:
 # replay is split over it): checked against the checkpoint's own record of its mesh.
 RUN_RESUMABLE = ("out_dir", "resume", "checkpoint_every", "keep_checkpoints", "checkpoint_replay",
                  "log_every", "tensorboard", "stall_seconds", "mesh", "coordinator_address",
-                 "num_processes", "process_id")
+                 "num_processes", "process_id", "video_every", "video_max_steps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +252,15 @@ class Trainer(abc.ABC):
     @abc.abstractmethod
     def eval_envs_per_seed(cls, config) -> int:
         """Evaluation envs per seed."""
+
+    @classmethod
+    def make_video_env(cls, config, resumes: int = 0):
+        """ONE env (N = 1) for the evaluation videos of the run's first seed
+        (`RunConfig.video_every`): the TimeStep API of the "eval" envs of `make_env` with N = 1,
+        plus `render() -> [H, W, 3] uint8` (the picture of its current state), `kind` (a few
+        words on how the pictures are made, for the log) and `close()`. Its env seed is its own
+        (no other env's episodes change); `resumes` moves it on as for `make_env`."""
+        raise NotImplementedError(f"{cls.__name__} makes no video env (--video_every)")
 
     @abc.abstractmethod
     def describe(self, env) -> str:
@@ -629,17 +658,41 @@ class _Run:
         resumes = int(meta["counters"]["resumes"]) + 1 if meta and "counters" in meta else 0
         lay = self.layout
         env = self.cls.make_env(cfg, "train", resumes, members=lay.train_members())
-        eval_env = None
+        eval_env = self.video_env = None
         try:
             n_eval = self.cls.eval_envs_per_seed(cfg)
             members = [(i, j) for i in lay.eval_seeds() for j in range(n_eval)]
             if members:
                 eval_env = self.cls.make_env(cfg, "eval", resumes, members=members)
+            self.video_env = self._make_video_env(resumes)
             return self._execute(env, eval_env)
         finally:
             env.close()
             if eval_env is not None:
                 eval_env.close()
+            if self.video_env is not None:
+                self.video_env.close()
+
+    def _make_video_env(self, resumes: int):
+        """The env of the evaluation videos, or None: videos off, no out_dir, or not this
+        process's (the process that holds seed index 0's evaluation and writes the logs records
+        them; on several hosts, if those differ, no videos are recorded: said in one line)."""
+        if self.rc.video_every <= 0:
+            return None
+        if not self.out:
+            self.log(f"[{self.cls.name}] --video_every={self.rc.video_every} without an out_dir: "
+                     "no videos")
+            return None
+        if not self.primary:
+            return None
+        if 0 not in self.layout.eval_seeds():
+            self.log(f"[{self.cls.name}] no videos: seed {self.seeds[0]}'s evaluation runs on "
+                     "another process than the one that writes the logs")
+            return None
+        try:
+            return self.cls.make_video_env(self.config, resumes)
+        except (NotImplementedError, RuntimeError, ValueError) as err:
+            raise RunError(f"--video_every={self.rc.video_every}: no video env: {err}") from None
 
     def _execute(self, env, eval_env) -> RunResult:
         cfg, log, seeds, lay = self.config, self.log, self.seeds, self.layout
@@ -872,11 +925,12 @@ class _Run:
         mine = lay.eval_seeds()
         fields = ("return_mean", "return_std", "episodes", "complete")
         table = np.full((len(self.seeds), len(fields)), np.nan)
+        agent = keys = None
         if mine:
             keys = np.stack([np.asarray(jax.random.fold_in(jax.random.PRNGKey(self.seeds[i]),
                                                            c.iteration)) for i in mine])
-            stats = self._eval_episodes(eval_env, lay.local_rows(carry.agent), keys,
-                                        self.trainer.eval_frames)
+            agent = lay.local_rows(carry.agent)
+            stats = self._eval_episodes(eval_env, agent, keys, self.trainer.eval_frames)
             table[mine] = [[st[f] for f in fields] for st in stats]
         if lay.multi_process:    # each seed from the process that evaluated it
             parts = mesh_lib.gather_hosts(table)
@@ -893,7 +947,63 @@ class _Run:
                                    "wall_seconds": time.time() - self.t_start})
         self.log(f"[{self.trainer.name}] eval at {units:,d} {self.sched.unit}: return "
                  f"{np.round(means, 1).tolist()} ({time.time() - t0:.0f} s)")
+        if self._video_due(c):
+            i = mine.index(0)
+            self._record_video(jax.tree.map(lambda x: x[i:i + 1], agent),
+                               jax.random.split(keys[i])[1], c)
         return means
+
+    # -------------------------------------------------------------------- videos
+
+    def _video_due(self, c: Counters) -> bool:
+        """Whether this evaluation records a video: videos on (and this process's), and its
+        number (1, 2, ... counted from the run's start, ceil(iteration / eval_every)) is a
+        multiple of `video_every`, or it is the final evaluation of the run."""
+        if getattr(self, "video_env", None) is None:
+            return False
+        number = -(-c.iteration // self.sched.eval_every)
+        return number % self.rc.video_every == 0 or c.iteration >= self.sched.iterations
+
+    def _record_video(self, agent, key: Array, c: Counters):
+        """One evaluation episode of seed index 0 (`agent`: its rows [1, ...] on the eval device;
+        `key`: the video's own key, split from the seed's evaluation key, so no other stream
+        changes) on the video env with the trainer's "eval" acts, at most `video_max_steps`
+        agent steps; written as `<out_dir>/seed_<first seed>/videos/eval_<step>.mp4` (one
+        frame per agent step, the reset frame first: steps + 1 frames; `flare_jax.video`) and,
+        with TensorBoard on, a strip of its frames as the image `eval/video`."""
+        t0 = time.time()
+        env, st, sched, name = self.video_env, self.stepper, self.sched, self.trainer.name
+        dev = self.layout.eval_device()
+        put = lambda x: jax.device_put(np.asarray(x)[None], dev)  # noqa: E731  [1 seed, 1 env, ...]
+        units = c.iteration * sched.units_per_iteration
+        head = f"{self.trainer.label}  eval at {units:,d} {sched.unit}"
+
+        def picture(step: int, ret: float) -> np.ndarray:
+            return video_lib.annotate(video_lib.upscale(env.render()),
+                                      [head, f"step {step}  return {ret:.1f}"])
+
+        ts = env.reset()
+        stack = st.stack_init(put(ts.frame))
+        frames, steps = [picture(0, 0.0)], 0
+        while steps < self.rc.video_max_steps:
+            action = np.asarray(st.eval_act(agent, stack, put(jax.random.fold_in(key, steps))))
+            ts = env.step(action[0])
+            steps += 1
+            frames.append(picture(steps, float(ts.episode_return[0])))
+            if ts.last[0]:
+                break
+            stack = st.stack_push(stack, put(ts.frame), put(ts.first))
+        path = os.path.join(self.out, f"seed_{self.seeds[0]}", "videos", f"eval_{units}.mp4")
+        try:
+            n, h, w = video_lib.write_mp4(path, frames)
+        except (OSError, RuntimeError) as err:     # a video is not worth the run
+            self.log(f"[{name}] warning: the video at {units:,d} {sched.unit} was not written: {err}")
+            return
+        self.loggers[0].image(units, "eval/video", video_lib.frame_strip(frames))
+        end = "episode end" if ts.last[0] else f"cut at --video_max_steps={self.rc.video_max_steps}"
+        self.log(f"[{name}] video at {units:,d} {sched.unit}: {n} frames of {w}x{h} px ({steps} agent "
+                 f"steps, {end}, return {float(ts.episode_return[0]):.1f}; {env.kind}) -> {path} "
+                 f"({time.time() - t0:.1f} s)")
 
     def _eval_episodes(self, env, agent, keys: np.ndarray, frames: Optional[int]) -> list[dict]:
         """Evaluation episodes on `env` (S seeds x N envs, seed-major) with the agent's "eval" acts.
