@@ -1,6 +1,6 @@
 """What a saved Flare encoder sees move: frames, per-frame latents z_t, latent flow, pixel change.
 
-    data = episode_latents("runs/cartpole_flare", seed=0, frames=5, skip=20)
+    data = episode_latents("runs/cartpole_flare", seed=0, frames=4, skip=4)
     fig = flow_figure(data, channels=3)          # or: python -m experiments.report flow ...
 
 Flare (Shang et al. 2021) encodes each frame x_t of the stack with the shared conv stack into a
@@ -38,7 +38,7 @@ def check_flow_run(run_dir: str) -> tuple[str, str, str]:
     return agent, task, encoder
 
 
-def episode_latents(run_dir: str, seed: int = 0, frames: int = 5, skip: int = 20) -> dict:
+def episode_latents(run_dir: str, seed: int = 0, frames: int = 4, skip: int = 4) -> dict:
     """Plays one evaluation episode of the restored agent of `seed`; returns, for the agent steps
     skip .. skip + frames (one more frame before them for the differences):
     frames [K+1, H, W, 3] uint8 (stored format), latents [K+1, h, w, c] float32, returns [K+1]
@@ -122,12 +122,12 @@ def flow_figure(data: dict, channels: int = 3, title: str = ""):
     for j, name in enumerate(names):
         axes[0, j].set_title(name, fontsize=8)
     fig.suptitle(title or f"Flare latents and latent flow, {data['task']} (checkpoint at "
-                 f"{data['step']:,d} env steps; flow: red +, blue -)", fontsize=9)
+                 f"{data['step']:,d} env steps; flow: red +, blue -; each channel on its own scale)", fontsize=9)
     fig.tight_layout()
     return fig
 
 
-def flow_report(run_dir: str, out_dir: str, seed: int = 0, frames: int = 5, skip: int = 20,
+def flow_report(run_dir: str, out_dir: str, seed: int = 0, frames: int = 4, skip: int = 4,
                 channels: int = 3, title: str = "") -> str:
     """Writes `<out_dir>/flow.png`; returns its path."""
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top

@@ -60,8 +60,8 @@ def _define_flags():
     flags.DEFINE_string("table", None, "table: the published table (data/published.json)")
     flags.DEFINE_string("paper", None, "curves: draw this published table's numbers as markers")
     flags.DEFINE_string("run", None, "flow: the run directory of a pixel Flare run")
-    flags.DEFINE_integer("frames", 5, "flow: consecutive agent steps shown")
-    flags.DEFINE_integer("skip", 20, "flow: agent steps of the episode before the first shown")
+    flags.DEFINE_integer("frames", 4, "flow: consecutive agent steps shown")
+    flags.DEFINE_integer("skip", 4, "flow: agent steps of the episode before the first shown")
     flags.DEFINE_integer("channels", 3, "flow: latent channels shown")
     flags.DEFINE_bool("videos", True, "collect: copy the evaluation videos too")
 
@@ -125,7 +125,8 @@ def plot_curves(groups: dict, out_png: str, title: str = "", variants: Sequence[
     ref_rows = sc.reference_rows(paper)[1] if paper else []
     cols = min(3, len(tasks))
     rows = -(-len(tasks) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.3 * rows + 0.5), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4.3 * cols, 6.4), 3.3 * rows + 0.5),
+                             squeeze=False)
     for ax, task in zip(axes.flat, tasks):
         unit = None
         for v in order:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -267,11 +268,18 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep, create=False,
             enable_async_checkpointing=False, cleanup_tmp_directories=not read_only,
-            read_only=read_only,
+            read_only=read_only, **({"save_interval_steps": 0} if read_only else {}),
             **({"multiprocessing_options": alone} if jax.process_count() > 1 else {}))
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={"arrays": self._stream, "meta": ocp.JsonCheckpointHandler()})
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        if read_only:      # orbax warns that a read-only manager is read-only
+            absl_log.setLevel(logging.ERROR)
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options,
+                item_handlers={"arrays": self._stream, "meta": ocp.JsonCheckpointHandler()})
+        finally:
+            absl_log.setLevel(level)
 
     def _remove_unfinished(self, prefix: str = ""):
         """Deletes the temporary directories of saves that did not complete."""
