@@ -22,7 +22,7 @@ run: $(STAMP)
 	$(PY) -m experiments.default_run
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" --durations=15 tests
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests

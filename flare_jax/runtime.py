@@ -126,6 +126,14 @@ class StopRequests:
         return False
 
 
+def _stderr_fd() -> int:
+    """The file descriptor of stderr; 2 where sys.stderr has none (a Jupyter kernel's stream)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):     # io.UnsupportedOperation is an OSError
+        return 2
+
+
 class StallWatchdog:
     """Ends the process, with every thread's Python traceback on stderr, when a loop stalls.
 
@@ -141,7 +149,7 @@ class StallWatchdog:
         self._armed_at = 0.0
 
     def _arm(self):
-        faulthandler.dump_traceback_later(self.seconds, exit=True)
+        faulthandler.dump_traceback_later(self.seconds, exit=True, file=_stderr_fd())
         self._armed_at = time.monotonic()
 
     def beat(self):

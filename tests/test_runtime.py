@@ -100,3 +100,13 @@ def test_setup_process_sets_the_xla_cpu_flag_and_mujoco_gl():
             "'ynn_fusion_type' in os.environ.get('XLA_FLAGS', ''))\n")
     out = _fresh_python(code)
     assert out.stdout.split() == ["True", "egl", "True"], out.stderr[-2000:]
+
+
+def test_the_watchdog_arms_when_stderr_has_no_file_descriptor(monkeypatch):
+    """A Jupyter kernel's sys.stderr has no fileno(): the watchdog writes to fd 2 instead."""
+    import io
+    import sys
+    from flare_jax.runtime import StallWatchdog
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    with StallWatchdog(60.0) as watchdog:
+        watchdog.beat()

@@ -69,6 +69,9 @@ def test_summary_tables_give_returns_and_shares_of_full_state(tmp_path):
     from experiments.state_study import summarise
     finals = {"state_full": (800.0, 600.0), "state_flare": (700.0, 500.0)}   # seeds 0, 1
     for variant, values in finals.items():
+        (tmp_path / "cartpole_swingup" / variant).mkdir(parents=True)
+        (tmp_path / "cartpole_swingup" / variant / "config.json").write_text(   # as runs write it
+            '{"agent": "sac", "config": {"task": "cartpole_swingup", "sac": {"encoder": "%s"}}}' % variant)
         for seed, final in enumerate(values):
             d = tmp_path / "cartpole_swingup" / variant / f"seed_{seed}"
             d.mkdir(parents=True)
@@ -77,10 +80,10 @@ def test_summary_tables_give_returns_and_shares_of_full_state(tmp_path):
                 f"1000,125,10.0,0,5,0,0\n2000,250,{final},0,5,0,0\n")
     table, png = summarise(["cartpole_swingup"], ["state_full", "state_position", "state_flare"],
                            str(tmp_path))
-    assert "| full state | 700.0 +- 100.0 |" in table and "| position only | - |" in table
+    assert "| full-state SAC | 700.0 +- 100.0 |" in table and "| position only | - |" in table
     md = (tmp_path / "final_returns.md").read_text()
     assert "| state-Flare | 600.0 +- 100.0 |" in md
-    assert "| state-Flare | 86% |" in md and "| full state | 100% |" in md   # 600 / 700
+    assert "| state-Flare | 86% |" in md and "| full-state SAC | 100% |" in md   # 600 / 700
     assert "cartpole_swingup: 2,000" in md and os.path.exists(png)
 
 
