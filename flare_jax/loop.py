@@ -741,6 +741,7 @@ class _Run:
                     raise RunError(str(err)) from None
             self._start_logs(counters, restored is not None, spec)
         self.seed_of_env = [i for i, _ in lay.train_members()]
+        mesh_lib.barrier("flare_jax.loop.first_step")   # processes start their steps together
         ts = env.reset()
         carry, _, flags = self._step(carry, ts, 0, counters.iteration < sched.random_until, counters)
         return self._loop(trainer, env, eval_env, carry, flags, counters)

@@ -27,6 +27,7 @@ arrays from them (`Layout.put_envs`) and reads back only its own shards (`Layout
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Optional, Sequence
 
 import jax
@@ -270,10 +271,26 @@ def gather_hosts(x: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x)).astype(x.dtype)
 
 
-def barrier(name: str):
-    if jax.process_count() > 1:
+BARRIER_TIMEOUT_S = 600
+_barriers = itertools.count()
+
+
+def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S):
+    """Waits until every process reaches this barrier (several hosts; a no-op on one).
+
+    Through the coordination service of `jax.distributed` with a long timeout, not through a
+    device collective: the first collective between processes sets up gloo's context, which
+    gives up when the processes arrive more than 30 s apart (a loaded host, a slow file system).
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    client = distributed.global_state.client
+    if client is None:      # initialised some other way: a device collective
         from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
         multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(f"{name}/{next(_barriers)}", int(timeout_s * 1000))
 
 
 def init_distributed(coordinator_address: Optional[str], num_processes: Optional[int],

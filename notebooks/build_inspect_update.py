@@ -33,7 +33,8 @@ on it:
 The runs are tiny (a few hundred env steps, a CPU is enough): the point is the functions, not
 the returns. `make test` executes this notebook (tests/test_notebook.py); regenerate it with
 `python notebooks/build_inspect_update.py`."""),
-    ("code", """import os, tempfile
+    ("code", """%matplotlib inline
+import os, tempfile
 
 from flare_jax.runtime import setup_process
 setup_process()                       # the one process set-up call (fast CPU convs, headless EGL)
