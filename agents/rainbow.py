@@ -22,10 +22,17 @@ Loss: rlax's categorical double-Q learning (projection of the target distributio
 weighted by the importance weights; priorities = clip(per-sample loss, 0, 100). Adam(6.25e-5,
 eps 1.5625e-4) after global-norm clipping at 10; hard target copy every `target_update_period`
 updates (32,000 frames / 16 frames per update = 2,000).
+
+Precision (`compute_dtype`, `flare_jax.precision`): with "bfloat16" the torso and the noisy
+layers' matmuls compute in bfloat16 (inputs and float32 weights cast; the noise itself is float32);
+the value and advantage outputs are cast to float32 before the dueling aggregation, so the logits,
+softmax, C51 projection, log-softmax and loss are float32. Parameters, gradients, optimiser
+states and targets are float32 either way.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional
 
@@ -40,6 +47,7 @@ from flax import struct
 from flare_jax import mesh as mesh_lib
 from flare_jax.encoders import make_encoder
 from flare_jax.encoders.layers import dqn_uniform
+from flare_jax.precision import COMPUTE_DTYPES, canonical_dtype
 
 Array = jax.Array
 
@@ -69,12 +77,21 @@ class RainbowConfig:
     target_update_period: int = _f(2_000, "updates between hard target copies (2,000 = 32,000 "
                                           "frames at one update per 16 frames)")
     max_priority: float = _f(100.0, "priorities are clipped to [0, this]")
+    compute_dtype: str = _f("float32", "dtype of the network's matmuls and convs (torso and noisy "
+                                       "heads); parameters, optimiser states, targets, logits "
+                                       "and the loss stay float32", choices=COMPUTE_DTYPES)
 
     def __post_init__(self):
         if isinstance(self.torso_kwargs, dict):
             object.__setattr__(self, "torso_kwargs", tuple(sorted(self.torso_kwargs.items())))
         if self.torso not in TORSOS:
             raise ValueError(f"unknown torso {self.torso!r}; valid torsos: {', '.join(TORSOS)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
+                             f"got {self.compute_dtype!r}")
+        if "dtype" in dict(self.torso_kwargs):
+            raise ValueError("the torso's dtype is set by compute_dtype (one of "
+                             f"{', '.join(COMPUTE_DTYPES)}), not by torso_kwargs")
         if self.num_atoms < 2 or self.v_max <= self.v_min:
             raise ValueError(f"need num_atoms >= 2 and v_max > v_min, got {self.num_atoms}, "
                              f"[{self.v_min}, {self.v_max}]")
@@ -99,19 +116,25 @@ def _noise_sqrt(key: Array, size: int) -> Array:
 
 
 class NoisyDense(nn.Module):
-    """DQN Zoo's factorised noisy linear layer. `key=None` gives the mean network (mu only)."""
+    """DQN Zoo's factorised noisy linear layer. `key=None` gives the mean network (mu only).
+
+    x [..., n_in] -> [..., features]; the two matmuls compute in `dtype` (float32 parameters), the
+    noise is float32: the output is float32 with a key and `dtype` without."""
     features: int
     sigma0: float
     use_bias: bool = True
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, key: Optional[Array]) -> Array:
         n_in = x.shape[-1]
+        dtype = canonical_dtype(self.dtype)
         mu_init = dqn_uniform(n_in)
         mu = nn.Dense(self.features, use_bias=self.use_bias, kernel_init=mu_init, bias_init=mu_init,
-                      name="mu")(x)
+                      dtype=dtype, param_dtype=jnp.float32, name="mu")(x)
         sigma_init = nn.initializers.constant(self.sigma0 / math.sqrt(n_in))
-        sigma_layer = nn.Dense(self.features, kernel_init=sigma_init, bias_init=sigma_init, name="sigma")
+        sigma_layer = nn.Dense(self.features, kernel_init=sigma_init, bias_init=sigma_init,
+                               dtype=dtype, param_dtype=jnp.float32, name="sigma")
         if key is None:
             if self.is_initializing():
                 sigma_layer(x)
@@ -126,31 +149,35 @@ def noise_keys(key: Array) -> Array:
 
 
 class RainbowNetwork(nn.Module):
-    """obs [B, T, *frame] -> q_logits [B, |A|, atoms]."""
+    """obs [B, T, *frame] -> q_logits [B, |A|, atoms] float32. The heads compute in `dtype`
+    (the torso in its own dtype, `make_network` gives both the config's compute_dtype)."""
     torso: nn.Module
     num_actions: int
     num_atoms: int
     head_hidden: int
     sigma0: float
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, obs: Array, key: Optional[Array]) -> Array:
         h = self.torso(obs)
         keys = [None] * 4 if key is None else list(noise_keys(key))
-        adv = nn.relu(NoisyDense(self.head_hidden, self.sigma0, name="advantage_hidden")(h, keys[0]))
-        adv = NoisyDense(self.num_actions * self.num_atoms, self.sigma0, use_bias=False,
-                         name="advantage_out")(adv, keys[1])
+        noisy = functools.partial(NoisyDense, sigma0=self.sigma0, dtype=self.dtype)
+        adv = nn.relu(noisy(self.head_hidden, name="advantage_hidden")(h, keys[0]))
+        adv = noisy(self.num_actions * self.num_atoms, use_bias=False,
+                    name="advantage_out")(adv, keys[1]).astype(jnp.float32)
         adv = adv.reshape(adv.shape[:-1] + (self.num_actions, self.num_atoms))
-        val = nn.relu(NoisyDense(self.head_hidden, self.sigma0, name="value_hidden")(h, keys[2]))
-        val = NoisyDense(self.num_atoms, self.sigma0, use_bias=False, name="value_out")(val, keys[3])
+        val = nn.relu(noisy(self.head_hidden, name="value_hidden")(h, keys[2]))
+        val = noisy(self.num_atoms, use_bias=False, name="value_out")(val, keys[3]).astype(jnp.float32)
         val = val[..., None, :]
         return val + adv - jnp.mean(adv, axis=-2, keepdims=True)
 
 
 def make_network(config: RainbowConfig, num_actions: int) -> RainbowNetwork:
-    torso = make_encoder(config.torso, **dict(config.torso_kwargs))
+    torso = make_encoder(config.torso, dtype=config.compute_dtype, **dict(config.torso_kwargs))
     return RainbowNetwork(torso=torso, num_actions=num_actions, num_atoms=config.num_atoms,
-                          head_hidden=config.head_hidden, sigma0=config.noisy_sigma0)
+                          head_hidden=config.head_hidden, sigma0=config.noisy_sigma0,
+                          dtype=config.compute_dtype)
 
 
 def q_values(config: RainbowConfig, q_logits: Array) -> Array:

@@ -16,6 +16,12 @@ it reads the critic's trunk output under stop_gradient, so conv weights are shar
 never updated by the actor loss, and never duplicated. The target critic is an EMA of the whole
 critic: trunk and head with tau 0.05 ("encoder"), Q heads with tau 0.01, every 2 updates. The
 actor and the temperature are updated every 2 critic updates.
+
+Precision (`compute_dtype`, `flare_jax.precision`): with "bfloat16" the encoder, the Q MLPs and the
+policy MLP compute in bfloat16 (inputs and float32 weights cast for each conv/matmul); their
+outputs, Q values [2, B] and the policy's pre-squash output, are cast to float32 at the head, so
+log-probabilities, the tanh correction, targets, losses and the temperature are float32.
+Parameters, gradients, optimiser states and targets are float32 either way.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from flax.training.train_state import TrainState
 from flare_jax import augment, loop
 from flare_jax import mesh as mesh_lib
 from flare_jax.encoders import make_encoder
+from flare_jax.precision import COMPUTE_DTYPES, canonical_dtype
 from flare_jax.replay import Batch
 
 Array = jax.Array
@@ -79,6 +86,9 @@ class SACConfig:
     # next_obs share once. Requires next_obs[:, :-1] == obs[:, 1:], which holds for the replay's
     # 1-step batches (augmented or not); `frame_overlap_violations` in the metrics counts misses.
     share_frames: bool = _f(True, "per-frame encoders: encode the frames obs and next_obs share once")
+    compute_dtype: str = _f("float32", "dtype of the networks' matmuls and convs (encoder, Q and "
+                                       "policy MLPs); parameters, optimiser states, targets and "
+                                       "losses stay float32", choices=COMPUTE_DTYPES)
 
     def __post_init__(self):
         if isinstance(self.encoder_kwargs, Mapping):
@@ -86,6 +96,12 @@ class SACConfig:
         if self.encoder not in PIXEL_ENCODERS + STATE_ENCODERS:
             raise ValueError(f"unknown encoder {self.encoder!r}; valid encoders: "
                              f"{', '.join(PIXEL_ENCODERS + STATE_ENCODERS)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
+                             f"got {self.compute_dtype!r}")
+        if "dtype" in dict(self.encoder_kwargs):
+            raise ValueError("the encoder's dtype is set by compute_dtype (one of "
+                             f"{', '.join(COMPUTE_DTYPES)}), not by encoder_kwargs")
         if self.augmentation not in augment.AUGMENTATIONS:
             raise ValueError(f"augmentation must be one of {', '.join(augment.AUGMENTATIONS)}, "
                              f"got {self.augmentation!r}")
@@ -116,6 +132,7 @@ class SACConfig:
         opts = dict(self.encoder_kwargs)
         opts.update({k: getattr(self, k) for k in ("num_frames", "feature_dim")
                      if getattr(self, k) is not None})
+        opts["dtype"] = self.compute_dtype
         return opts
 
     def make_encoder(self) -> nn.Module:
@@ -123,34 +140,47 @@ class SACConfig:
 
 
 class TwinQ(nn.Module):
-    """Two Q heads, each MLP [feature + A] -> hidden -> hidden -> 1 (ReLU), orthogonal init."""
+    """Two Q heads, each MLP [feature + A] -> hidden -> hidden -> 1 (ReLU), orthogonal init.
+
+    features [..., F] (any float dtype), action [..., A] -> Q values [2, ...] float32; the MLPs
+    compute in `dtype` (float32 parameters)."""
     hidden_dim: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, features: Array, action: Array) -> Array:
+        dtype = canonical_dtype(self.dtype)
+        dense = lambda n, name: nn.Dense(n, kernel_init=_ORTHO, dtype=dtype,  # noqa: E731
+                                         param_dtype=jnp.float32, name=name)
         x = jnp.concatenate([features, action], -1)
         qs = []
         for i in range(2):
             h = x
             for j in range(2):
-                h = nn.relu(nn.Dense(self.hidden_dim, kernel_init=_ORTHO, name=f"q{i + 1}_{j}")(h))
-            qs.append(nn.Dense(1, kernel_init=_ORTHO, name=f"q{i + 1}_out")(h)[..., 0])
-        return jnp.stack(qs)                                           # [2, ...]
+                h = nn.relu(dense(self.hidden_dim, f"q{i + 1}_{j}")(h))
+            qs.append(dense(1, f"q{i + 1}_out")(h)[..., 0].astype(jnp.float32))
+        return jnp.stack(qs)                                           # [2, ...] float32
 
 
 class PolicyMLP(nn.Module):
-    """features -> hidden -> hidden -> (mean, log_std) with log_std = tanh rescaled to bounds."""
+    """features [..., F] -> hidden -> hidden -> (mean, log_std) [..., A] each, float32, with
+    log_std = tanh rescaled to bounds. The MLP computes in `dtype` (float32 parameters); its
+    output is cast to float32 before the split, the tanh and the rescaling."""
     hidden_dim: int
     action_dim: int
     log_std_min: float
     log_std_max: float
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, features: Array) -> tuple[Array, Array]:
+        dtype = canonical_dtype(self.dtype)
+        dense = lambda n, name: nn.Dense(n, kernel_init=_ORTHO, dtype=dtype,  # noqa: E731
+                                         param_dtype=jnp.float32, name=name)
         h = features
         for j in range(2):
-            h = nn.relu(nn.Dense(self.hidden_dim, kernel_init=_ORTHO, name=f"hidden_{j}")(h))
-        out = nn.Dense(2 * self.action_dim, kernel_init=_ORTHO, name="out")(h)
+            h = nn.relu(dense(self.hidden_dim, f"hidden_{j}")(h))
+        out = dense(2 * self.action_dim, "out")(h).astype(jnp.float32)
         mean, log_std = jnp.split(out, 2, axis=-1)
         log_std = jnp.tanh(log_std)
         log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (log_std + 1.0)
@@ -176,8 +206,9 @@ class _Nets:
 
 
 def _nets(config: SACConfig, action_dim: int) -> _Nets:
-    return _Nets(config.make_encoder(), TwinQ(config.hidden_dim),
-                 PolicyMLP(config.hidden_dim, action_dim, config.log_std_min, config.log_std_max))
+    return _Nets(config.make_encoder(), TwinQ(config.hidden_dim, config.compute_dtype),
+                 PolicyMLP(config.hidden_dim, action_dim, config.log_std_min, config.log_std_max,
+                           config.compute_dtype))
 
 
 def _params(variables) -> dict:

@@ -26,6 +26,14 @@ slower than the default chunking.
 The input gradient of the first layer is computed only when `x` is floating point (pixels given
 as uint8 are not differentiable). GPU/TPU use the plain lowering (cuDNN / XLA TPU convs), which
 `impl="auto"` selects from the default backend.
+
+Compute dtype (`dtype`, `flare_jax.precision`): the scaled input (x * scale, computed in float32
+and rounded once), the kernels and the biases are cast to `dtype` for every conv, and the
+activations (and the residuals kept for the backward pass) are `dtype`. The custom VJP returns
+kernel and bias gradients in the parameters' dtype: per chunk, the filter gradient's conv
+accumulates into the parameters' dtype (`preferred_element_type`) and the bias gradient sums the
+output gradient converted to it; the chunks' sums are in that dtype. With dtype float32 (the
+default) nothing is cast: the float32 computation, bit for bit.
 """
 from __future__ import annotations
 
@@ -37,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from flare_jax.precision import canonical_dtype, cast
 
 Array = jax.Array
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -51,25 +61,35 @@ def _conv(h: Array, kernel: Array, stride: int) -> Array:
     return lax.conv_general_dilated(h, kernel, (stride, stride), "VALID", dimension_numbers=_DN)
 
 
-def _forward_layers(kernels, biases, x, strides, relu_last, scale):
-    """All layer outputs for one batch (list of [n, h, w, c])."""
-    h = x.astype(jnp.float32) * scale
+def _scaled_input(x: Array, scale: float, dtype) -> Array:
+    """x (any dtype, e.g. uint8 pixels) * scale, computed in float32, as `dtype`."""
+    return cast(x.astype(jnp.float32) * scale, dtype)
+
+
+def _forward_layers(kernels, biases, x, strides, relu_last, scale, dtype=jnp.float32):
+    """All layer outputs for one batch (list of [n, h, w, c], `dtype`); kernels and biases are
+    cast to `dtype` (their gradients, by autodiff, come back in their own dtype)."""
+    h = _scaled_input(x, scale, dtype)
     outs = []
     for i, (k, b, s) in enumerate(zip(kernels, biases, strides)):
-        h = _conv(h, k, s) + b
+        h = _conv(h, cast(k, dtype), s) + cast(b, dtype)
         if i < len(kernels) - 1 or relu_last:
             h = jax.nn.relu(h)
         outs.append(h)
     return outs
 
 
-def _filter_grad(h: Array, g: Array, kernel_shape, stride: int) -> Array:
+def _filter_grad(h: Array, g: Array, kernel_shape, stride: int, out_dtype=jnp.float32) -> Array:
     """dL/dkernel [kh, kw, ci, co] of a VALID conv: sum over batch and output positions of
-    h[b, s*y + i, s*x + j, ci] * g[b, y, x, co], as a convolution with the batch contracted."""
+    h[b, s*y + i, s*x + j, ci] * g[b, y, x, co], as a convolution with the batch contracted,
+    accumulated and returned in `out_dtype` (h and g may be a narrower dtype)."""
     kh, kw = kernel_shape[:2]
+    out_dtype = jnp.dtype(out_dtype)
+    preferred = None if h.dtype == g.dtype == out_dtype else out_dtype
     out = lax.conv_general_dilated(
         h.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), "VALID",
-        rhs_dilation=(stride, stride), dimension_numbers=_DN)        # [ci, >=kh, >=kw, co]
+        rhs_dilation=(stride, stride), dimension_numbers=_DN,
+        preferred_element_type=preferred)                            # [ci, >=kh, >=kw, co]
     return out[:, :kh, :kw, :].transpose(1, 2, 0, 3)
 
 
@@ -102,41 +122,44 @@ def _bias_grad(g: Array) -> Array:
     return g.reshape(n * h, w * c).sum(0).reshape(w, c).sum(0)
 
 
-def _layers_backward(kernels, ins, outs, g, strides, relu_last, want_dx):
+def _layers_backward(kernels, ins, outs, g, strides, relu_last, want_dx, dtype=jnp.float32):
     """Filter gradients, bias gradients and (if want_dx) the input gradient of one chunk, given
-    each layer's input `ins[i]`, output `outs[i]` and the output gradient g."""
+    each layer's input `ins[i]`, output `outs[i]` and the output gradient g (all `dtype`, the
+    compute dtype); the filter and bias gradients are in the kernels' dtype."""
     n_layers = len(kernels)
     dks, dbs = [None] * n_layers, [None] * n_layers
     for i in reversed(range(n_layers)):
+        param_dtype = kernels[i].dtype
         if i < n_layers - 1 or relu_last:
             g = jnp.where(outs[i] > 0, g, 0.0)
-        dbs[i] = _bias_grad(g)
-        dks[i] = _filter_grad(ins[i], g, kernels[i].shape, strides[i])
+        dbs[i] = _bias_grad(cast(g, param_dtype))
+        dks[i] = _filter_grad(ins[i], g, kernels[i].shape, strides[i], param_dtype)
         if i > 0 or want_dx:
-            g = _input_grad(g, kernels[i], ins[i].shape[1:3], strides[i])
+            g = _input_grad(g, cast(kernels[i], dtype), ins[i].shape[1:3], strides[i])
     return dks, dbs, (g if want_dx else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _chunked(kernels, biases, x, strides, relu_last, scale, chunk):
-    return _chunked_fwd(kernels, biases, x, strides, relu_last, scale, chunk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _chunked(kernels, biases, x, strides, relu_last, scale, chunk, dtype):
+    return _chunked_fwd(kernels, biases, x, strides, relu_last, scale, chunk, dtype)[0]
 
 
-def _chunked_fwd(kernels, biases, x, strides, relu_last, scale, chunk):
-    outs = [_forward_layers(kernels, biases, x[a:b], strides, relu_last, scale)
+def _chunked_fwd(kernels, biases, x, strides, relu_last, scale, chunk, dtype):
+    outs = [_forward_layers(kernels, biases, x[a:b], strides, relu_last, scale, dtype)
             for a, b in _bounds(x.shape[0], chunk)]
     return jnp.concatenate([o[-1] for o in outs]), (kernels, x, outs)
 
 
-def _chunked_bwd(strides, relu_last, scale, chunk, residuals, g):
+def _chunked_bwd(strides, relu_last, scale, chunk, dtype, residuals, g):
     kernels, x, outs = residuals
     want_dx = jnp.issubdtype(x.dtype, jnp.floating)
     dk = [jnp.zeros_like(k) for k in kernels]
     db = [jnp.zeros(k.shape[-1], k.dtype) for k in kernels]
     dxs = []
     for (a, b), outs_c in zip(_bounds(x.shape[0], chunk), outs):
-        ins = [x[a:b].astype(jnp.float32) * scale] + list(outs_c[:-1])
-        dks, dbs, dx = _layers_backward(kernels, ins, outs_c, g[a:b], strides, relu_last, want_dx)
+        ins = [_scaled_input(x[a:b], scale, dtype)] + list(outs_c[:-1])
+        dks, dbs, dx = _layers_backward(kernels, ins, outs_c, cast(g[a:b], dtype), strides,
+                                        relu_last, want_dx, dtype)
         dk = [u + v for u, v in zip(dk, dks)]
         db = [u + v for u, v in zip(db, dbs)]
         dxs.append(dx)
@@ -151,25 +174,32 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def conv_stack(kernels: Sequence[Array], biases: Sequence[Array], x: Array, strides: Sequence[int],
-               relu_last: bool = True, scale: float = 1.0, impl: str = "auto") -> Array:
-    """VALID conv layers on x [N, H, W, C] (any dtype; multiplied by `scale` as float32).
+               relu_last: bool = True, scale: float = 1.0, impl: str = "auto",
+               dtype="float32") -> Array:
+    """VALID conv layers on x [N, H, W, C] (any dtype; multiplied by `scale` as float32)
+    -> [N, h, w, co_last] in `dtype`.
 
-    kernels[i] [kh, kw, ci, co], biases[i] [co]; ReLU after every layer (the last only if
-    `relu_last`). impl: "plain" (XLA's lowering), "chunked" (cache-sized batch chunks with the
-    custom VJP above) or "auto" (chunked on CPU, plain elsewhere).
+    kernels[i] [kh, kw, ci, co], biases[i] [co] (float32 parameters); ReLU after every layer (the
+    last only if `relu_last`). impl: "plain" (XLA's lowering), "chunked" (cache-sized batch
+    chunks with the custom VJP above) or "auto" (chunked on CPU, plain elsewhere). dtype: the
+    compute dtype, "float32" or "bfloat16" (`flare_jax.precision`); the parameters' gradients
+    keep the parameters' dtype.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    dtype = canonical_dtype(dtype)
     kernels, biases, strides = tuple(kernels), tuple(biases), tuple(int(s) for s in strides)
     if impl == "auto":
         impl = "chunked" if jax.default_backend() == "cpu" else "plain"
     if impl == "plain":
-        return _forward_layers(kernels, biases, x, strides, relu_last, scale)[-1]
+        return _forward_layers(kernels, biases, x, strides, relu_last, scale, dtype)[-1]
     n, hgt, wid = x.shape[:3]
     ho, wo = hgt, wid
     largest = 0
+    # float32 bytes whatever `dtype`: XLA's CPU compiler runs a bfloat16 conv as a float32 conv
+    # between converts (jaxlib 0.10.2, CPUs without bf16 units), so the working set is float32.
     for k, s in zip(kernels, strides):
         ho, wo = (ho - k.shape[0]) // s + 1, (wo - k.shape[1]) // s + 1
         largest = max(largest, ho * wo * k.shape[3] * 4)
     chunk = _chunk_size(n, max(largest, hgt * wid * x.shape[3] * 4))
-    return _chunked(kernels, biases, x, strides, bool(relu_last), float(scale), chunk)
+    return _chunked(kernels, biases, x, strides, bool(relu_last), float(scale), chunk, dtype.name)

@@ -18,6 +18,8 @@ from flare_jax import config_flags
     ("experiments.train_rainbow", "atari", "frames", "100000000"),
     ("experiments.train_rainbow", "cartpole", "frames", "30000"),
     ("experiments.train_rainbow", "cartpole", "torso", "mlp"),
+    ("experiments.train_sac", "flare_paper", "compute_dtype", "float32"),
+    ("experiments.train_rainbow", "atari", "compute_dtype", "float32"),
 ])
 def test_helpfull_shows_the_presets_values(module, preset, flag, value):
     out = subprocess.run([sys.executable, "-m", module, f"--preset={preset}", "--helpfull"],

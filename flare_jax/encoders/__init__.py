@@ -11,6 +11,7 @@ from flare_jax.encoders.pixel import (FlareEncoder, FrameStackEncoder, LatentSta
                                       PixelEncoder, PixelFlowEncoder, RecurrentEncoder)
 from flare_jax.encoders.state import (FullStateEncoder, PositionOnlyEncoder, StateFlareEncoder,
                                       StateRecurrentEncoder, StateStackEncoder, position_offsets)
+from flare_jax.precision import canonical_dtype
 
 ENCODERS: dict[str, type[nn.Module]] = {
     # DMC pixels (reference section 1)
@@ -51,7 +52,10 @@ def make_encoder(name: str, **config) -> nn.Module:
 
     Every encoder takes [..., T, *frame] (T = `encoder.num_frames`, oldest first) and returns
     [..., features]; `encoder.observation` says what it needs from the environment
-    ("pixels", "vector", "full" state or "position" vectors).
+    ("pixels", "vector", "full" state or "position" vectors). Every encoder takes `dtype`, its
+    compute dtype ("float32", the default, or "bfloat16"; `flare_jax.precision`): parameters are
+    float32, convs/Dense/LSTM compute in `dtype`, and the features come out in `dtype` (the
+    parameter-free state encoders pass their float32 states through).
     """
     cls = _lookup(name)
     valid = encoder_fields(name)
@@ -59,6 +63,8 @@ def make_encoder(name: str, **config) -> nn.Module:
     if unknown:
         raise ValueError(f"encoder {name!r} has no option(s) {', '.join(unknown)}; "
                          f"valid options: {', '.join(valid)}")
+    if "dtype" in config:
+        config = dict(config, dtype=canonical_dtype(config["dtype"]).name)
     return cls(**config)
 
 

@@ -3,10 +3,12 @@
 Input [..., T, 84, 84, C] (grey: C=1), oldest frame first, 0..255. Output [..., 256].
 Initialisers are DQN Zoo's legacy scheme (its `conv`/`linear` helpers, which the Flare authors'
 Haiku fork uses): weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+`dtype` (default float32; `flare_jax.precision`): the compute dtype of the convs and Dense layers
+(parameters float32, LayerNorm statistics float32); the output is `dtype`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -14,6 +16,7 @@ import jax.numpy as jnp
 
 from flare_jax.encoders.layers import (ConvStack, DenseLayerNorm, check_frames, encode_per_frame,
                                        latent_flow, merge_leading)
+from flare_jax.precision import canonical_dtype
 
 Array = jax.Array
 
@@ -22,6 +25,7 @@ class _AtariTorso(nn.Module):
     num_frames: int = 4
     feature_dim: int = 256
     conv_impl: str = "auto"     # see flare_jax.conv.conv_stack
+    dtype: Any = jnp.float32    # compute dtype: "float32" or "bfloat16" (flare_jax.precision)
 
     frame_rank = 3
     observation = "pixels"
@@ -39,7 +43,7 @@ class _AtariTorso(nn.Module):
 
     def setup(self):
         self.convs = self._conv_stack()
-        self.projection = DenseLayerNorm(self.feature_dim, dqn_init=True)
+        self.projection = DenseLayerNorm(self.feature_dim, dqn_init=True, dtype=self.dtype)
 
     def head(self, h: Array) -> Array:
         return self.projection(h)
@@ -57,7 +61,7 @@ class AtariFlareTorso(_AtariTorso):
     def _conv_stack(self) -> ConvStack:
         return ConvStack(filters=(16, 32, 32), kernel_sizes=(8, 4, 3), strides=(4, 2, 1),
                          relu_last=False, scale=1.0 / 255.0, impl=self.conv_impl,
-                         dqn_init=True)
+                         dqn_init=True, dtype=self.dtype)
 
     def trunk(self, x: Array) -> Array:
         frames, lead = self._frames(x)                         # [N, T, H, W, C]
@@ -74,7 +78,7 @@ class AtariBaselineTorso(_AtariTorso):
     def _conv_stack(self) -> ConvStack:
         return ConvStack(filters=(16, 32, 32 * 6), kernel_sizes=(8, 4, 3), strides=(4, 2, 1),
                          relu_last=True, scale=1.0 / 255.0, impl=self.conv_impl,
-                         dqn_init=True)
+                         dqn_init=True, dtype=self.dtype)
 
     def trunk(self, x: Array) -> Array:
         frames, lead = self._frames(x)                         # [N, T, H, W, C]
@@ -85,9 +89,11 @@ class AtariBaselineTorso(_AtariTorso):
 
 
 class MLPTorso(nn.Module):
-    """Vector observations [..., T, D] -> flatten the T frames -> MLP (ReLU after each layer)."""
+    """Vector observations [..., T, D] -> flatten the T frames -> MLP (ReLU after each layer),
+    computed in `dtype` (output [..., hidden_sizes[-1]] in `dtype`)."""
     num_frames: int = 1
     hidden_sizes: Sequence[int] = (256, 256)
+    dtype: Any = jnp.float32    # compute dtype: "float32" or "bfloat16" (flare_jax.precision)
 
     frame_rank = 1
     observation = "vector"
@@ -97,7 +103,9 @@ class MLPTorso(nn.Module):
         return x.reshape(x.shape[:-2] + (-1,)).astype(jnp.float32)
 
     def setup(self):
-        self.layers = [nn.Dense(size) for size in self.hidden_sizes]
+        dtype = canonical_dtype(self.dtype)
+        self.layers = [nn.Dense(size, dtype=dtype, param_dtype=jnp.float32)
+                       for size in self.hidden_sizes]
 
     def head(self, h: Array) -> Array:
         for layer in self.layers:

@@ -1,14 +1,20 @@
-"""Building blocks shared by the encoders: initialisers, conv stack, input checks, fusion."""
+"""Building blocks shared by the encoders: initialisers, conv stack, input checks, fusion.
+
+Every layer with parameters has a `dtype` field, the compute dtype (`flare_jax.precision`:
+float32, the default, or bfloat16): inputs and weights are cast to it for each matmul/conv and
+its activations are returned in it; parameters are float32 (`param_dtype`).
+"""
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from flare_jax.conv import conv_stack
+from flare_jax.precision import canonical_dtype, cast
 
 Array = jax.Array
 
@@ -41,9 +47,10 @@ def dqn_uniform(fan_in: int) -> nn.initializers.Initializer:
     return init
 
 
-def to_unit_float(pixels: Array) -> Array:
-    """uint8 or float pixels holding 0..255 -> float32 in [0, 1]."""
-    return pixels.astype(jnp.float32) / 255.0
+def to_unit_float(pixels: Array, dtype: Any = jnp.float32) -> Array:
+    """uint8 or float pixels holding 0..255 -> [0, 1] in `dtype` (computed in float32, rounded
+    once)."""
+    return cast(pixels.astype(jnp.float32) / 255.0, dtype)
 
 
 def check_frames(x: Array, num_frames: int, name: str, frame_rank: int) -> Array:
@@ -94,7 +101,8 @@ class ConvStack(nn.Module):
     """VALID conv layers on [N, H, W, C] input, ReLU after each (optionally not the last).
 
     The input may be uint8 pixels: it is converted to float32 and multiplied by `scale` inside
-    (pixels: 1/255). Computed by `flare_jax.conv.conv_stack` (cache-sized batch chunks on CPU).
+    (pixels: 1/255). Computed by `flare_jax.conv.conv_stack` (cache-sized batch chunks on CPU)
+    in `dtype` (output [N, h, w, filters[-1]] in `dtype`; parameters float32).
     """
     filters: Sequence[int]
     kernel_sizes: Sequence[int]
@@ -104,6 +112,7 @@ class ConvStack(nn.Module):
     scale: float = 1.0
     impl: str = "auto"
     dqn_init: bool = False          # DQN Zoo's U(+-1/sqrt(fan_in)) for kernels and biases
+    dtype: Any = jnp.float32        # compute dtype (flare_jax.precision)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -123,17 +132,22 @@ class ConvStack(nn.Module):
             kernels.append(kernel)
             biases.append(bias)
             in_features = f
-        return conv_stack(kernels, biases, x, self.strides, self.relu_last, self.scale, self.impl)
+        return conv_stack(kernels, biases, x, self.strides, self.relu_last, self.scale, self.impl,
+                          canonical_dtype(self.dtype))
 
 
 class DenseLayerNorm(nn.Module):
     """Dense(features) -> LayerNorm(eps 1e-5, learned scale/offset); no activation (no tanh).
 
     Init: `kernel_init` and zero bias, or DQN Zoo's U(+-1/sqrt(fan_in)) for both (`dqn_init`).
+    [..., K] -> [..., features] in `dtype`: the Dense computes in `dtype`; the LayerNorm's mean and
+    variance are float32 whatever `dtype` (flax's `_compute_stats` promotes them), its
+    normalisation, scale and offset float32, the result rounded to `dtype`.
     """
     features: int
     kernel_init: nn.initializers.Initializer = nn.initializers.orthogonal(1.0)
     dqn_init: bool = False
+    dtype: Any = jnp.float32        # compute dtype (flare_jax.precision)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -141,8 +155,11 @@ class DenseLayerNorm(nn.Module):
             kernel_init = bias_init = dqn_uniform(x.shape[-1])
         else:
             kernel_init, bias_init = self.kernel_init, nn.initializers.zeros
-        x = nn.Dense(self.features, kernel_init=kernel_init, bias_init=bias_init, name="dense")(x)
-        return nn.LayerNorm(epsilon=1e-5, name="layer_norm")(x)
+        dtype = canonical_dtype(self.dtype)
+        x = nn.Dense(self.features, kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,
+                     param_dtype=jnp.float32, name="dense")(x)
+        return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
+                            name="layer_norm")(x)
 
 
 def latent_flow(z: Array, time_axis: int) -> Array:

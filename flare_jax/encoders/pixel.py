@@ -10,13 +10,17 @@ scaled by 1/255 inside) to features [..., feature_dim], and splits into two part
 
 `encoder(x) == encoder.head(encoder.trunk(x))`.
 
+`dtype` (default float32; `flare_jax.precision`): the compute dtype of the convs, the LSTM and the
+head's Dense (parameters float32, LayerNorm statistics float32); trunk and head outputs are
+`dtype` (the LSTM's hidden state float32: its cell state is kept in float32).
+
 Flatten order: fused latents are flattened as [fused-slot, h, w, c] (no transpose), a fixed
 permutation of the reference's channel concatenation followed by flatten; the Dense layer sees the
 same inputs, so the function class and initial distribution are the same.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 
 from flare_jax.encoders.layers import (ConvStack, DenseLayerNorm, check_frames, delta_orthogonal,
                                        encode_per_frame, latent_flow, merge_leading, to_unit_float)
+from flare_jax.precision import canonical_dtype
 
 Array = jax.Array
 
@@ -39,6 +44,7 @@ class PixelEncoder(nn.Module):
     strides: Optional[Sequence[int]] = None
     # conv computation: "auto" (cache-chunked on CPU, plain XLA elsewhere), "plain", "chunked"
     conv_impl: str = "auto"
+    dtype: Any = jnp.float32   # compute dtype: "float32" or "bfloat16" (flare_jax.precision)
 
     frame_rank = 3            # a frame is [H, W, C]
     observation = "pixels"   # what the environment must provide
@@ -77,8 +83,8 @@ class PixelEncoder(nn.Module):
         n = self.num_layers
         self.convs = ConvStack(filters=(self.num_filters,) * n, kernel_sizes=(self.kernel_size,) * n,
                                strides=self._layer_strides(), kernel_init=delta_orthogonal(),
-                               scale=self.pixel_scale, impl=self.conv_impl)
-        self.projection = DenseLayerNorm(self.feature_dim)
+                               scale=self.pixel_scale, impl=self.conv_impl, dtype=self.dtype)
+        self.projection = DenseLayerNorm(self.feature_dim, dtype=self.dtype)
 
     def _frames(self, x: Array) -> tuple[Array, tuple[int, ...]]:
         """[..., T, H, W, C] pixels -> [N, T, H, W, C] (dtype kept) and the leading shape."""
@@ -188,7 +194,8 @@ class RecurrentEncoder(_PerFrameEncoder):
 
     def setup(self):
         super().setup()
-        self.lstm = nn.RNN(nn.OptimizedLSTMCell(self.lstm_dim))
+        self.lstm = nn.RNN(nn.OptimizedLSTMCell(self.lstm_dim, dtype=canonical_dtype(self.dtype),
+                                                param_dtype=jnp.float32))
 
     def fuse_latents(self, z: Array) -> Array:
         lead, t = z.shape[:-4], z.shape[-4]

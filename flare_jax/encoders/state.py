@@ -6,20 +6,26 @@ velocities) for `FullStateEncoder`, position vectors for the others (see
 
 trunk/head split as for the pixel encoders: the trunk is shared between SAC's critic and actor and
 trained by the critic loss (only the LSTM variant has parameters there); the head is the identity.
+The states stay float32 (the agents' first Dense casts them to the compute dtype); `dtype`
+(`flare_jax.precision`) is the LSTM's compute dtype (its cell and hidden state stay float32).
 """
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from flare_jax.encoders.layers import check_frames
+from flare_jax.precision import canonical_dtype
 
 Array = jax.Array
 
 
 class _StateEncoder(nn.Module):
     num_frames: int = 1
+    dtype: Any = jnp.float32   # compute dtype of the LSTM variant (flare_jax.precision)
 
     frame_rank = 1
     observation = "position"
@@ -99,5 +105,7 @@ class StateRecurrentEncoder(_StateEncoder):
         s = self._history(x)
         lead, (t, p) = s.shape[:-2], s.shape[-2:]
         seq = s.reshape((-1, t, p))
-        hidden = nn.RNN(nn.OptimizedLSTMCell((t - 1) * p), name="lstm")(seq)[:, -1]
+        cell = nn.OptimizedLSTMCell((t - 1) * p, dtype=canonical_dtype(self.dtype),
+                                    param_dtype=jnp.float32)
+        hidden = nn.RNN(cell, name="lstm")(seq)[:, -1]
         return jnp.concatenate([s[..., -1, :], hidden.reshape(lead + (-1,))], axis=-1)
