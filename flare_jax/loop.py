@@ -555,7 +555,12 @@ def check_resume(run_dir: str, trainer_name: str, config, resumable: tuple[str, 
     if saved.get("agent") != trainer_name:
         raise RunError(f"{run_dir} holds a {saved.get('agent')!r} run, not {trainer_name!r}; "
                        "use another --out_dir")
-    diffs = config_flags.diff(saved.get("config", {}), config_flags.to_dict(config),
+    saved_config = saved.get("config", {})
+    try:    # fields added since the run was written take their defaults (what the run used)
+        saved_config = config_flags.to_dict(config_flags.from_dict(type(config), saved_config))
+    except (TypeError, ValueError):
+        pass
+    diffs = config_flags.diff(saved_config, config_flags.to_dict(config),
                               ignore=RUN_RESUMABLE + tuple(resumable))
     if diffs:
         raise RunError(f"{run_dir} holds a run with another config; resuming would mix runs: "

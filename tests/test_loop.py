@@ -224,3 +224,19 @@ def test_a_resume_without_the_replay_refills_it_first(tmp_path):
     # learning waits for init_steps new transitions after the resume: iterations 50..60
     assert second.status == "finished" and second.counters.updates == 11 + 11
     assert _steps(tmp_path / "seed_3" / "eval.csv") == [240, 480]
+
+
+def test_a_run_written_before_a_config_field_existed_resumes_with_its_default(tmp_path):
+    """config.json of an older version lacks newer fields: they count as their defaults."""
+    import json
+    from agents import sac_train
+    from flare_jax import config_flags, loop
+    config = sac_train.TrainConfig()
+    record = {"agent": "sac", "config": config_flags.to_dict(config)}
+    del record["config"]["sac"]["compute_dtype"]
+    record["config"]["run"].pop("video_every")
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    loop.check_resume(str(tmp_path), "sac", config, sac_train.SACTrainer.resumable)
+    other = config_flags.replace(config, compute_dtype="bfloat16")
+    with pytest.raises(loop.RunError, match="compute_dtype"):
+        loop.check_resume(str(tmp_path), "sac", other, sac_train.SACTrainer.resumable)
