@@ -45,6 +45,7 @@ import rlax
 from flax import struct
 
 from flare_jax import mesh as mesh_lib
+from flare_jax import precision
 from flare_jax.encoders import make_encoder
 from flare_jax.encoders.layers import dqn_uniform
 from flare_jax.precision import COMPUTE_DTYPES, canonical_dtype
@@ -86,12 +87,7 @@ class RainbowConfig:
             object.__setattr__(self, "torso_kwargs", tuple(sorted(self.torso_kwargs.items())))
         if self.torso not in TORSOS:
             raise ValueError(f"unknown torso {self.torso!r}; valid torsos: {', '.join(TORSOS)}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
-                             f"got {self.compute_dtype!r}")
-        if "dtype" in dict(self.torso_kwargs):
-            raise ValueError("the torso's dtype is set by compute_dtype (one of "
-                             f"{', '.join(COMPUTE_DTYPES)}), not by torso_kwargs")
+        precision.check_config(self.compute_dtype, self.torso_kwargs, "torso")
         if self.num_atoms < 2 or self.v_max <= self.v_min:
             raise ValueError(f"need num_atoms >= 2 and v_max > v_min, got {self.num_atoms}, "
                              f"[{self.v_min}, {self.v_max}]")

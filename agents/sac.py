@@ -37,7 +37,7 @@ import optax
 from flax import struct
 from flax.training.train_state import TrainState
 
-from flare_jax import augment, loop
+from flare_jax import augment, loop, precision
 from flare_jax import mesh as mesh_lib
 from flare_jax.encoders import make_encoder
 from flare_jax.precision import COMPUTE_DTYPES, canonical_dtype
@@ -96,12 +96,7 @@ class SACConfig:
         if self.encoder not in PIXEL_ENCODERS + STATE_ENCODERS:
             raise ValueError(f"unknown encoder {self.encoder!r}; valid encoders: "
                              f"{', '.join(PIXEL_ENCODERS + STATE_ENCODERS)}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
-                             f"got {self.compute_dtype!r}")
-        if "dtype" in dict(self.encoder_kwargs):
-            raise ValueError("the encoder's dtype is set by compute_dtype (one of "
-                             f"{', '.join(COMPUTE_DTYPES)}), not by encoder_kwargs")
+        precision.check_config(self.compute_dtype, self.encoder_kwargs, "encoder")
         if self.augmentation not in augment.AUGMENTATIONS:
             raise ValueError(f"augmentation must be one of {', '.join(augment.AUGMENTATIONS)}, "
                              f"got {self.augmentation!r}")

@@ -34,3 +34,14 @@ def cast(x: jax.Array, dtype: Any) -> jax.Array:
     """x as `dtype`; x itself (no op in the program) when it already has that dtype."""
     dtype = jnp.dtype(dtype)
     return x if x.dtype == dtype else x.astype(dtype)
+
+
+def check_config(compute_dtype: str, kwargs, owner: str) -> None:
+    """A config's `compute_dtype` is one of COMPUTE_DTYPES and its `<owner>_kwargs` do not set
+    the network's dtype too; ValueError (one line) otherwise. owner: "encoder" or "torso"."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
+                         f"got {compute_dtype!r}")
+    if "dtype" in dict(kwargs):
+        raise ValueError(f"the {owner}'s dtype is set by compute_dtype (one of "
+                         f"{', '.join(COMPUTE_DTYPES)}), not by {owner}_kwargs")
