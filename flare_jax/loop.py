@@ -614,22 +614,28 @@ class _Run:
     # -------------------------------------------------------------------- start and resume
 
     def _prepare_out_dir(self):
-        """Refuses an out_dir that holds something else; claims it with config.json (process 0;
-        every process makes the same checks)."""
+        """Refuses an out_dir that holds something else; claims it with config.json (process 0).
+
+        Every process makes the same checks on the same view of the directory: they look only
+        after process 0 has probed and locked it, and process 0 writes only after all have looked
+        (a process that looked while process 0 was writing saw a directory with no config.json).
+        """
+        mesh_lib.barrier("flare_jax.loop.out_dir_locked")
         entries = [e for e in os.listdir(self.out) if e != ".lock"] if os.path.isdir(self.out) else []
-        if not self.rc.resume and entries and self.primary:
+        if not self.rc.resume and entries:
             raise RunError(f"--out_dir={self.out} is not empty and --resume=false: use an empty "
                            "directory, or --resume=true to continue the run it holds")
         if entries and not os.path.exists(os.path.join(self.out, "config.json")):
             raise RunError(f"--out_dir={self.out} is not empty and holds no run (no config.json); "
                            "use an empty or new directory")
         check_resume(self.out, self.cls.name, self.config, self.cls.resumable)
+        mesh_lib.barrier("flare_jax.loop.out_dir_checked")
         if self.primary:
             if not entries:
                 self._write_config(None)
             self.checkpointer = ckpt_lib.Checkpointer(os.path.join(self.out, "checkpoints"),
                                                       keep=self.rc.keep_checkpoints, warn=self.log)
-        mesh_lib.barrier("flare_jax.loop.prepare_out_dir")
+        mesh_lib.barrier("flare_jax.loop.out_dir_claimed")
         if not self.primary:   # reads the checkpoints process 0 writes (a shared file system)
             self.checkpointer = ckpt_lib.Checkpointer(os.path.join(self.out, "checkpoints"),
                                                       read_only=True, warn=self.log)

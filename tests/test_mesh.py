@@ -90,7 +90,8 @@ def test_two_process_multi_host_run_on_localhost(tmp_path):
                               text=True) for i in range(2)]
     logs = [p.communicate(timeout=900)[0] for p in procs]
     for i, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0 and f"OK multihost {i}" in log, log[-4000:]
+        assert p.returncode == 0 and f"OK multihost {i}" in log, \
+            f"process {i} failed; its log:\n{log[-3000:]}\nthe other's:\n{logs[1 - i][-3000:]}"
     digests = [[l for l in log.splitlines() if l.startswith("DIGEST")] for log in logs]
     assert digests[0] == digests[1] and len(digests[0]) == 1, (digests, logs[0][-2000:], logs[1][-2000:])
     evals = [[l for l in log.splitlines() if l.startswith("EVALS")] for log in logs]
