@@ -67,6 +67,7 @@ flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "sac_update, rainbow: compu
 flags.DEFINE_bool("json", False, "print one JSON line per measurement (used by subprocesses)")
 
 BENCHMARKS = {}
+_SETUP = {}      # what setup_process() put in effect for this process (the entry point fills it)
 
 
 def benchmark(fn):
@@ -142,7 +143,7 @@ def encoders():
         rows = []
         for path in CONV_PATHS:
             print(f"[bench] running the {path!r} conv path in a subprocess ...", flush=True)
-            env = {"FLARE_JAX_XLA_CPU": "0" if path in ("stock", "xla") else "1"}
+            env = {"FLARE_JAX_CONV_BACKEND": "ynnpack" if path in ("stock", "xla") else "eigen"}
             if path == "stock":  # what plain jax gets: no tcmalloc either (flare_jax/runtime.py)
                 env.update(FLARE_JAX_TCMALLOC="0", LD_PRELOAD="")
             rows += _rerun_self("encoders", env, [f"--conv_path={path}"])
@@ -229,17 +230,7 @@ def _sac_update_fn(replay_config, batch_size, n_fused):
 
 def cpu_features() -> str:
     """The CPU model and its vector/matrix extensions that decide the fast paths (Linux)."""
-    model, flags_ = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown CPU":
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags_ = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    ext = [e for e in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if e in flags_]
+    model, ext = xla_cpu.cpu_info()
     return f"{model} ({', '.join(ext) or 'no AVX2'}; {os.cpu_count()} threads)"
 
 
@@ -247,9 +238,12 @@ def machine_line(peak_gflops: float) -> str:
     """One line naming what ran: backend, CPU, conv path and the same run's matmul peak."""
     where = jax.default_backend()
     if where == "cpu":
-        where += (f", {cpu_features()}, conv path: "
-                  f"{'YNNPACK' if xla_cpu.conv_uses_ynnpack() else 'Eigen'} convs, cache-chunked "
-                  "custom VJP")
+        ran = "YNNPACK" if xla_cpu.conv_uses_ynnpack() else "Eigen"
+        chosen = _SETUP.get("cpu_conv")
+        why = chosen.describe() if chosen is not None else f"{ran} convs"
+        if chosen is not None and not why.lower().startswith(ran.lower()):
+            why = f"{ran} convs (XLA_FLAGS), chosen: {why}"
+        where += f", {cpu_features()}, conv path: {why}, cache-chunked custom VJP"
     return f"machine: {where}; float32 matmul peak of this run {peak_gflops:.0f} GFLOP/s"
 
 
@@ -848,5 +842,5 @@ def main(argv):
 
 if __name__ == "__main__":
     from flare_jax.runtime import setup_process
-    setup_process(reexec="experiments.bench")
+    _SETUP.update(setup_process(reexec="experiments.bench"))
     app.run(main)

@@ -1,8 +1,9 @@
 """Process set-up and process-level helpers for the entry points (launchers, tests, notebooks).
 
 `setup_process()` is the one explicit process set-up; importing `flare_jax` changes nothing:
-  * XLA CPU flags (`flare_jax.xla_cpu.configure`): convolutions to Eigen; must run before JAX
-    starts its backends;
+  * XLA CPU flags (`flare_jax.xla_cpu.configure`): convolutions on Eigen or YNNPACK, whichever
+    measured faster on this machine (measured once, cached); must run before JAX starts its
+    backends;
   * MUJOCO_GL=egl (headless rendering), unless set;
   * with `reexec=<module>` (launchers only): restarts `python -m <module>` under tcmalloc when it
     is installed and not loaded. XLA's CPU runtime allocates fresh buffers for the large
@@ -49,14 +50,22 @@ def tcmalloc_loaded() -> bool:
 def setup_process(reexec: str | None = None) -> dict:
     """The process set-up of launchers, tests and notebooks; call before any JAX computation.
 
-    Returns what is in effect: {"fast_cpu_conv": bool, "tcmalloc": bool}. With `reexec` (the
-    launcher's module name) the process may first be restarted under tcmalloc (see above).
+    Returns what is in effect: {"cpu_conv": xla_cpu.Choice, "tcmalloc": bool}. With `reexec` (the
+    launcher's module name) the process may first be restarted under tcmalloc (see above), and a bad
+    FLARE_JAX_CONV_BACKEND exits with status 2 and one line (else it raises ValueError).
     """
     from flare_jax import xla_cpu  # pylint: disable=g-import-not-at-top
     if reexec:
         reexec_with_tcmalloc(reexec)
     os.environ.setdefault("MUJOCO_GL", "egl")
-    return {"fast_cpu_conv": xla_cpu.configure(), "tcmalloc": tcmalloc_loaded()}
+    try:
+        cpu_conv = xla_cpu.configure()
+    except ValueError as e:          # a bad FLARE_JAX_CONV_BACKEND
+        if reexec:                   # an entry point: one line, no traceback, before any work
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
+    return {"cpu_conv": cpu_conv, "tcmalloc": tcmalloc_loaded()}
 
 
 def reexec_with_tcmalloc(module: str) -> None:

@@ -9,6 +9,9 @@ from flare_jax.runtime import setup_process
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# The tests pin the CPU conv backend (no once-per-machine measurement inside the suite; their own
+# subprocesses inherit it); tests/test_runtime.py tests the measurement and its cache.
+os.environ.setdefault("FLARE_JAX_CONV_BACKEND", "eigen")
 setup_process()
 
 import faulthandler  # noqa: E402

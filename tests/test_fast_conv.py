@@ -3,7 +3,7 @@
 Three independent checks, values and gradients, random inputs and parameters:
 1. the path is active: XLA compiles flare_jax's convs to Eigen, not to YNNPACK;
 2. it matches a float64 NumPy reference (relative error < 1e-5);
-3. it matches XLA's default CPU path, computed in a subprocess with FLARE_JAX_XLA_CPU=0
+3. it matches XLA's default CPU path, computed in a subprocess with FLARE_JAX_CONV_BACKEND=ynnpack
    (XLA flags are per process).
 """
 import json
@@ -102,7 +102,7 @@ _SUBPROCESS = textwrap.dedent("""
 
 
 def _run(fast: bool):
-    env = dict(os.environ, FLARE_JAX_XLA_CPU="1" if fast else "0", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, FLARE_JAX_CONV_BACKEND="eigen" if fast else "ynnpack", JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     out = subprocess.run([sys.executable, "-c", _SUBPROCESS], env=env, check=True,
                          capture_output=True, text=True, timeout=600)

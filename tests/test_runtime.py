@@ -96,10 +96,111 @@ def test_importing_the_library_changes_no_environment_variable_and_no_jax_settin
 def test_setup_process_sets_the_xla_cpu_flag_and_mujoco_gl():
     code = ("import os\nfrom flare_jax.runtime import setup_process\n"
             "state = setup_process()\n"
-            "print(state['fast_cpu_conv'], os.environ['MUJOCO_GL'], "
+            "print(state['cpu_conv'].backend, os.environ['MUJOCO_GL'], "
             "'ynn_fusion_type' in os.environ.get('XLA_FLAGS', ''))\n")
-    out = _fresh_python(code)
-    assert out.stdout.split() == ["True", "egl", "True"], out.stderr[-2000:]
+    out = _fresh_python(code)     # FLARE_JAX_CONV_BACKEND=eigen (conftest)
+    assert out.stdout.split() == ["eigen", "egl", "True"], out.stderr[-2000:]
+
+
+# ------------------------------------------------ the CPU conv backend, measured once per machine
+
+_CHOICE = ("import json, os\nfrom flare_jax.runtime import setup_process\n"
+           "c = setup_process()['cpu_conv']\nfrom flare_jax import xla_cpu\n"
+           "print(json.dumps({'backend': c.backend, 'source': c.source, "
+           "'ynn': xla_cpu.conv_uses_ynnpack(), 'line': c.describe()}))\n")
+
+
+def _choice_in_fresh_process(cache_dir, **env):
+    import json
+    import subprocess
+    import sys
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("XLA_FLAGS", "MUJOCO_GL", "FLARE_JAX_CONV_BACKEND")}
+    out = subprocess.run([sys.executable, "-c", _CHOICE], capture_output=True, text=True,
+                         timeout=600, env=dict(base, FLARE_JAX_CACHE_DIR=str(cache_dir), **env))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+
+def test_the_conv_backend_is_measured_once_then_read_from_the_cache_and_takes_effect(tmp_path):
+    """A machine without a cached choice measures both backends in subprocesses (real timings),
+    caches the faster under this machine's key, and a second process reads it without measuring;
+    a cached YNNPACK choice leaves XLA's default (convs compile to YNNPACK), Eigen routes them
+    to Eigen."""
+    import json
+    from flare_jax import xla_cpu
+    first, err = _choice_in_fresh_process(tmp_path)
+    assert first["source"] == "measured" and "measuring Eigen vs YNNPACK" in err
+    cache = json.loads((tmp_path / "conv_backend.json").read_text())
+    entry = cache[xla_cpu.machine_key()]
+    assert set(entry["ms"]) == {"eigen", "ynnpack"} and all(v > 0 for v in entry["ms"].values())
+    assert entry["backend"] == min(entry["ms"], key=entry["ms"].get) == first["backend"]
+    assert first["ynn"] == (first["backend"] == "ynnpack")
+    second, err = _choice_in_fresh_process(tmp_path)
+    assert second["source"] == "cache" and second["backend"] == first["backend"]
+    assert "measuring" not in err and "cached" in second["line"]
+    for backend in xla_cpu.BACKENDS:          # the cached choice is what compiles
+        entry = dict(entry, backend=backend)
+        (tmp_path / "conv_backend.json").write_text(json.dumps({xla_cpu.machine_key(): entry}))
+        got, _ = _choice_in_fresh_process(tmp_path)
+        assert (got["backend"], got["source"], got["ynn"]) == (backend, "cache",
+                                                               backend == "ynnpack")
+
+
+def test_the_conv_backend_can_be_set_and_a_bad_value_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    got, _ = _choice_in_fresh_process(tmp_path, FLARE_JAX_CONV_BACKEND="ynnpack")
+    assert (got["backend"], got["source"], got["ynn"]) == ("ynnpack", "env", True)
+    assert not (tmp_path / "conv_backend.json").exists()          # nothing measured
+    env = dict(os.environ, FLARE_JAX_CONV_BACKEND="fastest", FLARE_JAX_TCMALLOC="0")
+    out = subprocess.run([sys.executable, "-m", "experiments.train_sac", "--env_steps=10"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "error: FLARE_JAX_CONV_BACKEND='fastest': valid values are eigen, ynnpack, measure"]
+
+
+def test_processes_that_start_together_wait_for_one_measurement(tmp_path, monkeypatch):
+    """Under the cache's lock, a process that finds an entry written meanwhile uses it (no
+    second measurement); a failed measurement falls back to Eigen without caching."""
+    import fcntl
+    import json
+    import threading
+    from flare_jax import xla_cpu
+    monkeypatch.setenv("FLARE_JAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FLARE_JAX_CONV_BACKEND", "measure")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    calls = []
+    monkeypatch.setattr(xla_cpu, "measure", lambda: calls.append(1) or {"eigen": 2.0,
+                                                                         "ynnpack": 1.0})
+    path = tmp_path / "conv_backend.json"
+    with open(str(path) + ".lock", "a") as lock:             # another process is measuring
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = {}
+        t = threading.Thread(target=lambda: result.update(c=xla_cpu.choose_backend()))
+        t.start()
+        t.join(0.5)
+        assert t.is_alive()                                    # waits on the lock
+        path.write_text(json.dumps({xla_cpu.machine_key(): {"backend": "eigen",
+                                                            "ms": {"eigen": 1, "ynnpack": 9}}}))
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    t.join(30)
+    assert result["c"] == xla_cpu.Choice("eigen", "cache", {"eigen": 1, "ynnpack": 9})
+    assert calls == []
+    path.unlink()
+    assert xla_cpu.choose_backend() == xla_cpu.Choice("ynnpack", "measured",
+                                                      {"eigen": 2.0, "ynnpack": 1.0})
+    assert calls == [1]
+    path.unlink()
+
+    def broken():
+        raise OSError("no subprocess")
+    monkeypatch.setattr(xla_cpu, "measure", broken)
+    with pytest.warns(UserWarning, match="could not measure"):
+        assert xla_cpu.choose_backend() == xla_cpu.Choice("eigen", "fallback")
+    assert not path.exists()
 
 
 def test_the_watchdog_arms_when_stderr_has_no_file_descriptor(monkeypatch):
