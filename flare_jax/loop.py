@@ -117,6 +117,10 @@ class RunConfig:
                                   "of the first seed as <out_dir>/seed_<s>/videos/eval_<step>.mp4 "
                                   "(and a TensorBoard frame strip) at every N-th evaluation and "
                                   "at the final one; 0: no videos"))
+    overlap: bool = dataclasses.field(
+        default=False, metadata=_help("step the envs while the updates run: the actions come from "
+                                      "the agent before the loop step's updates (one loop step of "
+                                      "policy lag; flare_jax.loop.Stepper)"))
     video_max_steps: int = dataclasses.field(
         default=1000, metadata=_help("agent steps at most in a video episode (DMC episodes have "
                                      "1000 / action repeat; Atari up to 27,000)"))
@@ -156,7 +160,7 @@ class RunConfig:
 # replay is split over it): checked against the checkpoint's own record of its mesh.
 RUN_RESUMABLE = ("out_dir", "resume", "checkpoint_every", "keep_checkpoints", "checkpoint_replay",
                  "log_every", "tensorboard", "stall_seconds", "mesh", "coordinator_address",
-                 "num_processes", "process_id", "video_every", "video_max_steps")
+                 "num_processes", "process_id", "video_every", "video_max_steps", "overlap")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,81 +433,169 @@ class Stepper:
     last update's metrics [S] and run flags [2] (all losses, norms and actions finite; some
     process asked to stop). One compiled program per (n, random): `jax.shard_map` over the mesh
     of the per-device function, vmapped over the device's seeds.
+
+    `overlap=True` (`RunConfig.overlap`) splits a step with updates into two programs, dispatched
+    one after the other: *act* (store, add, stack push, act with the agent as it is) and *learn*
+    (the n updates on agent, replay and key). The host reads the actions as soon as *act* is done
+    and steps the envs while *learn* runs, so env stepping overlaps the updates. The price is
+    one loop step of policy lag: the actions of step t come from the agent before step t's
+    updates (without overlap, after them). The keys are the same as without overlap (act and
+    learn take their halves of the same split), so a step without updates, or with random
+    actions, computes exactly what the plain step computes. The flags returned by a step
+    include the previous learn program's (finite losses) and its own (finite actions, stop);
+    `settled(flags)` adds the last learn program's (the loop calls it before an evaluation, a
+    checkpoint and at the end).
     """
 
     def __init__(self, trainer: Trainer, layout: Optional[mesh_lib.Layout] = None,
-                 num_seeds: Optional[int] = None):
+                 num_seeds: Optional[int] = None, overlap: bool = False):
         self.layout = layout or single_device_layout(trainer, num_seeds)
         self.trainer, self.num_seeds = trainer, self.layout.num_seeds
         if trainer.data_shards != self.layout.shape.data:
             raise ValueError(f"the trainer is built for {trainer.data_shards} data shards, the "
                              f"mesh has {self.layout.shape.data}")
+        self.overlap = bool(overlap)
         self._fns = {}
+        self._learn_ok = None     # overlap: the last learn program's flag, not yet in a step's flags
         t = trainer
         # evaluation: one device, the seeds of this process (Layout.eval_seeds)
         self.eval_act = jax.jit(jax.vmap(lambda a, st, k: t.act(a, st, k, "eval")))
         self.stack_init = jax.jit(jax.vmap(lambda f: t.stack_init(t.store(f))))
         self.stack_push = jax.jit(jax.vmap(lambda st, f, first: t.stack_push(st, t.store(f), first)))
 
-    def _one(self, carry: Carry, frame, reward, discount, first, count, progress, *, n, random,
-             axis):
-        """One seed on one data shard (axis: the data axis name, None on one shard)."""
+    # the three parts of a step, for one seed on one data shard (axis: the data axis name or None)
+    def _observe(self, carry: Carry, frame, reward, discount, first):
         t = self.trainer
         frame = t.store(frame)
         replay = t.add(carry.replay, frame, carry.action, reward, discount, first)
-        stack = t.stack_push(carry.stack, frame, first)
+        return replay, t.stack_push(carry.stack, frame, first)
+
+    def _learn(self, agent, replay, key, n, count, progress, axis):
+        agent, replay, stacked = self.trainer.learn(agent, replay, key, n, count, progress,
+                                                    axis_name=axis)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(m)) for m in stacked.values()]))
+        return agent, replay, jax.tree.map(lambda m: m[-1], stacked), finite
+
+    def _act(self, agent, stack, key, random, axis):
+        action = self.trainer.act(agent, stack, mesh_lib.shard_key(key, axis),
+                                  "random" if random else "explore")
+        finite = (jnp.all(jnp.isfinite(action)) if jnp.issubdtype(action.dtype, jnp.floating)
+                  else jnp.bool_(True))
+        return action, finite
+
+    def _one(self, carry: Carry, frame, reward, discount, first, count, progress, *, n, random,
+             axis):
+        """The whole step: observe, n updates, act with the updated agent."""
+        replay, stack = self._observe(carry, frame, reward, discount, first)
         key, k_learn, k_act = jax.random.split(carry.key, 3)
         agent, metrics, finite = carry.agent, {}, jnp.bool_(True)
         if n:
-            agent, replay, stacked = t.learn(agent, replay, k_learn, n, count, progress,
-                                             axis_name=axis)
-            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(m)) for m in stacked.values()]))
-            metrics = jax.tree.map(lambda m: m[-1], stacked)
-        action = t.act(agent, stack, mesh_lib.shard_key(k_act, axis),
-                       "random" if random else "explore")
-        if jnp.issubdtype(action.dtype, jnp.floating):
-            finite = finite & jnp.all(jnp.isfinite(action))
-        return Carry(agent=agent, replay=replay, stack=stack, action=action, key=key), metrics, finite
+            agent, replay, metrics, finite = self._learn(agent, replay, k_learn, n, count,
+                                                         progress, axis)
+        action, finite_action = self._act(agent, stack, k_act, random, axis)
+        return (Carry(agent=agent, replay=replay, stack=stack, action=action, key=key), metrics,
+                finite & finite_action)
 
-    def _compile(self, n: int, random: bool):
+    def _one_act(self, carry: Carry, frame, reward, discount, first, *, random, axis,
+                 advance_key):
+        """overlap, first program: observe and act with the agent as it is; the loop key moves
+        on here only when no learn program follows (else learn moves it, from the same split)."""
+        replay, stack = self._observe(carry, frame, reward, discount, first)
+        key, _, k_act = jax.random.split(carry.key, 3)
+        action, finite = self._act(carry.agent, stack, k_act, random, axis)
+        return (Carry(agent=carry.agent, replay=replay, stack=stack, action=action,
+                      key=key if advance_key else carry.key), finite)
+
+    def _one_learn(self, agent, replay, key, count, progress, *, n, axis):
+        """overlap, second program: the n updates (the k_learn of the step's split)."""
+        key, k_learn, _ = jax.random.split(key, 3)
+        agent, replay, metrics, finite = self._learn(agent, replay, k_learn, n, count, progress,
+                                                     axis)
+        return agent, replay, key, metrics, finite
+
+    def _compile(self, n: int, random: bool, part: str = "step"):
+        """part: "step" (the whole step), "act" or "learn" (the two programs of `overlap`)."""
         axis = "data" if self.layout.shape.data > 1 else None
         sq = lambda x: x[:, 0]           # noqa: E731  the device's one data shard
         unsq = lambda x: x[:, None]      # noqa: E731
+        all_ok = lambda finite: jax.lax.pmin(jnp.all(finite).astype(jnp.int32), mesh_lib.AXES)  # noqa: E731
+        any_stop = lambda stop: jax.lax.pmax(jnp.max(stop), mesh_lib.AXES)  # noqa: E731
 
-        def per_device(carry, frame, reward, discount, first, stop, count, progress):
-            shard = Carry(agent=carry.agent, replay=jax.tree.map(sq, carry.replay),
-                          stack=sq(carry.stack), action=sq(carry.action), key=carry.key)
+        def shard(carry):
+            return Carry(agent=carry.agent, replay=jax.tree.map(sq, carry.replay),
+                         stack=sq(carry.stack), action=sq(carry.action), key=carry.key)
+
+        def unshard(out):
+            return out.replace(replay=jax.tree.map(unsq, out.replay), stack=unsq(out.stack),
+                               action=unsq(out.action))
+
+        def per_device_step(carry, frame, reward, discount, first, stop, count, progress):
             one = lambda c, f, r, d, fi: self._one(c, f, r, d, fi, count, progress, n=n,  # noqa: E731
                                                    random=random, axis=axis)
-            out, metrics, finite = jax.vmap(one)(shard, sq(frame), sq(reward), sq(discount), sq(first))
-            out = out.replace(replay=jax.tree.map(unsq, out.replay), stack=unsq(out.stack),
-                              action=unsq(out.action))
-            flags = jnp.stack([jax.lax.pmin(jnp.all(finite).astype(jnp.int32), mesh_lib.AXES),
-                               jax.lax.pmax(jnp.max(stop), mesh_lib.AXES)])
-            return out, metrics, flags
+            out, metrics, finite = jax.vmap(one)(shard(carry), sq(frame), sq(reward),
+                                                 sq(discount), sq(first))
+            return unshard(out), metrics, jnp.stack([all_ok(finite), any_stop(stop)])
 
-        env_spec = P("seed", "data")
-        fn = jax.shard_map(per_device, mesh=self.layout.mesh,
-                           in_specs=(CARRY_SPECS, env_spec, env_spec, env_spec, env_spec, env_spec,
-                                     P(), P()),
-                           out_specs=(CARRY_SPECS, P("seed"), P()),
-                           # the CPU conv's custom VJP (flare_jax.conv) returns gradients that
-                           # vary over `data` for parameters that do not; the update averages
-                           # them itself (pmean), so the replication types are not tracked
+        def per_device_act(carry, frame, reward, discount, first, stop, learn_ok):
+            one = lambda c, f, r, d, fi: self._one_act(c, f, r, d, fi, random=random,  # noqa: E731
+                                                       axis=axis, advance_key=not n)
+            out, finite = jax.vmap(one)(shard(carry), sq(frame), sq(reward), sq(discount),
+                                        sq(first))
+            return unshard(out), jnp.stack([jnp.minimum(all_ok(finite), learn_ok), any_stop(stop)])
+
+        def per_device_learn(agent, replay, key, count, progress):
+            one = lambda a, r, k: self._one_learn(a, r, k, count, progress, n=n, axis=axis)  # noqa: E731
+            agent, replay, key, metrics, finite = jax.vmap(one)(agent, jax.tree.map(sq, replay),
+                                                                key)
+            return agent, jax.tree.map(unsq, replay), key, metrics, all_ok(finite)
+
+        env_spec, c = P("seed", "data"), CARRY_SPECS
+        fn, in_specs, out_specs = {
+            "step": (per_device_step, (c, env_spec, env_spec, env_spec, env_spec, env_spec, P(), P()),
+                     (c, P("seed"), P())),
+            "act": (per_device_act, (c, env_spec, env_spec, env_spec, env_spec, env_spec, P()),
+                    (c, P())),
+            "learn": (per_device_learn, (c.agent, c.replay, c.key, P(), P()),
+                      (c.agent, c.replay, c.key, P("seed"), P())),
+        }[part]
+        # check_vma=False: the CPU conv's custom VJP (flare_jax.conv) returns gradients that
+        # vary over `data` for parameters that do not; the update averages them itself (pmean),
+        # so the replication types are not tracked
+        fn = jax.shard_map(fn, mesh=self.layout.mesh, in_specs=in_specs, out_specs=out_specs,
                            check_vma=False)
-        return jax.jit(fn, donate_argnums=0)
+        return jax.jit(fn, donate_argnums=(0, 1, 2) if part == "learn" else 0)
+
+    def _fn(self, n: int, random: bool, part: str):
+        fn = self._fns.get((n, random, part))
+        if fn is None:
+            fn = self._fns[(n, random, part)] = self._compile(n, random, part)
+        return fn
 
     def step(self, carry: Carry, frame, reward, discount, first, *, n: int, random: bool,
              update_count: int, progress: float, stop: bool = False):
         """One device step. frame [L, *env frame], reward/discount/first [L] (numpy, this
         process's envs in `Layout.train_members` order) -> (carry, metrics [S], flags [2])."""
-        fn = self._fns.get((n, random))
-        if fn is None:
-            fn = self._fns[(n, random)] = self._compile(n, random)
         lay = self.layout
         stop = lay.put_per_device(np.full(len(lay.blocks), int(stop), np.int32))
-        return fn(carry, lay.put_envs(frame), lay.put_envs(reward), lay.put_envs(discount),
-                  lay.put_envs(first), stop, np.int32(update_count), np.float32(progress))
+        env_args = (lay.put_envs(frame), lay.put_envs(reward), lay.put_envs(discount),
+                    lay.put_envs(first))
+        count, progress = np.int32(update_count), np.float32(progress)
+        if not self.overlap:
+            return self._fn(n, random, "step")(carry, *env_args, stop, count, progress)
+        learn_ok = np.int32(1) if self._learn_ok is None else self._learn_ok
+        carry, flags = self._fn(n, random, "act")(carry, *env_args, stop, learn_ok)
+        self._learn_ok, metrics = None, {}
+        if n:   # dispatched without waiting: the caller reads the actions while it runs
+            agent, replay, key, metrics, self._learn_ok = self._fn(n, random, "learn")(
+                carry.agent, carry.replay, carry.key, count, progress)
+            carry = carry.replace(agent=agent, replay=replay, key=key)
+        return carry, metrics, flags
+
+    def settled(self, flags):
+        """The flags of the last step including its learn program's (overlap; waits for it)."""
+        if self._learn_ok is None:
+            return flags
+        return jnp.stack([jnp.minimum(flags[0], self._learn_ok), flags[1]])
 
     def actions(self, carry: Carry) -> np.ndarray:
         """[L, *action_shape]: the actions of this process's envs."""
@@ -725,7 +817,7 @@ class _Run:
                                                device=lay.mesh.devices.flat[0]))
         except MemoryError as err:
             raise RunError(str(err)) from None
-        self.stepper = Stepper(trainer, lay)
+        self.stepper = Stepper(trainer, lay, overlap=self.rc.overlap)
         keys = seed_keys(seeds)
 
         # the state: fresh, or restored from the newest readable checkpoint
@@ -864,7 +956,7 @@ class _Run:
                     is_eval = c.iteration % sched.eval_every == 0
                     # the last step's checkpoint is written after the final evaluation
                     is_ckpt = c.iteration % sched.checkpoint_every == 0 and c.iteration < sched.iterations
-                    if (is_eval or is_ckpt) and not check(np.asarray(flags)):
+                    if (is_eval or is_ckpt) and not check(np.asarray(self.stepper.settled(flags))):
                         break
                     if c.iteration % sched.log_every == 0 and self.out:
                         self._log_train(c, metrics, recent)
@@ -881,7 +973,7 @@ class _Run:
                                                      else np.round(last_returns, 1).tolist()),
                                         updates=c.updates)
                 if diverged is None and not stopping:
-                    check(np.asarray(flags))   # the last step's flags
+                    check(np.asarray(self.stepper.settled(flags)))   # the last step's flags
                 result.steady = (c.iteration - steady_from[0], time.time() - steady_from[1])
         finally:
             progress.close()

@@ -68,8 +68,14 @@ def _assert_bitwise_equal(a, b):
         assert x.tobytes() == y.tobytes()
 
 
-@pytest.mark.parametrize("seeds", [(0,), (0, 1, 2)])
-@pytest.mark.parametrize("case", sorted(CASES))
+# The default suite keeps one SAC and one Rainbow (PER) case; the others run with `make test-slow`.
+_DEFAULT_CHECKPOINT_CASES = {("sac_state", (0,)), ("sac_state", (0, 1, 2)), ("rainbow_cartpole", (0, 1, 2))}
+
+
+@pytest.mark.parametrize("case,seeds", [
+    pytest.param(c, s, id=f"{c}-{len(s)}seeds",
+                 marks=() if (c, s) in _DEFAULT_CHECKPOINT_CASES else pytest.mark.slow)
+    for c in sorted(CASES) for s in [(0,), (0, 1, 2)]])
 def test_checkpoint_restores_bit_for_bit_and_the_next_updates_are_identical(case, seeds, tmp_path):
     cls, cfg, spec = CASES[case]
     trainer = cls(config_flags.replace(cfg, seeds=seeds), spec)
@@ -92,6 +98,53 @@ def test_checkpoint_restores_bit_for_bit_and_the_next_updates_are_identical(case
     again = jax.device_get(_drive(stepper, again, spec, steps=3, start=7, n=1))
     _assert_bitwise_equal(again, original)
     assert int(np.asarray(original.agent.updates).reshape(-1)[0]) >= 4 + 3
+
+
+@pytest.mark.parametrize("case", ["sac_state", pytest.param("rainbow_cartpole", marks=pytest.mark.slow)])
+def test_overlapped_steps_act_before_the_updates_with_the_plain_steps_keys(case):
+    """Stepper(overlap=True) runs act and learn as two programs: without updates, or with random
+    actions, it computes exactly the plain step; with updates, its actions at step t are the
+    plain step's actions from the agent before step t's updates (one step of policy lag), and
+    its learn program leaves the agent the plain step leaves."""
+    cls, cfg, spec = CASES[case]
+    trainer = cls(config_flags.replace(cfg, seeds=(0, 1)), spec)
+    plain, over = loop.Stepper(trainer, num_seeds=2), loop.Stepper(trainer, num_seeds=2, overlap=True)
+    keys = loop.seed_keys((0, 1))
+    rng = np.random.default_rng(0)
+    e = 2 * trainer.schedule.agent_steps_per_iteration
+
+    def env_out(i):
+        shape = (e,) + spec.frame_shape
+        return (rng.normal(size=shape).astype(spec.frame_dtype), rng.normal(size=(e,)).astype(np.float32),
+                np.ones((e,), np.float32), np.full((e,), i in (0, 5)))
+
+    def step(stepper, carry, out, i, n, random):
+        return stepper.step(carry, *out, n=n, random=random, update_count=i, progress=i / 100)
+
+    a, b = loop.init_carry(trainer, keys), loop.init_carry(trainer, keys)
+    for i in range(12):                    # random actions, updates from step 3: identical
+        out = env_out(i)
+        a, _, fa = step(plain, a, out, i, int(i >= 3), True)
+        b, _, fb = step(over, b, out, i, int(i >= 3), True)
+        assert np.asarray(over.settled(fb)).tolist() == np.asarray(fa).tolist() == [1, 0]
+    _assert_bitwise_equal(jax.device_get(b), jax.device_get(a))
+    for i in range(12, 15):                # explore without updates: identical
+        out = env_out(i)
+        a, _, _ = step(plain, a, out, i, 0, False)
+        b, _, _ = step(over, b, out, i, 0, False)
+    _assert_bitwise_equal(jax.device_get(b), jax.device_get(a))
+    for i in range(15, 19):                # explore with updates: act first, then learn
+        out = env_out(i)
+        before = jax.device_get(a)
+        b, _, fb = step(over, b, out, i, 1, False)
+        acted, _, _ = step(plain, jax.device_put(before), out, i, 0, False)
+        np.testing.assert_array_equal(np.asarray(b.action), np.asarray(acted.action))
+        a, _, _ = step(plain, jax.device_put(before), out, i, 1, False)   # learns, then acts
+        _assert_bitwise_equal(jax.device_get(b.agent), jax.device_get(a.agent))
+        _assert_bitwise_equal(jax.device_get(b.replay), jax.device_get(a.replay))
+        np.testing.assert_array_equal(np.asarray(b.key), np.asarray(a.key))
+        a = b = jax.device_put(jax.device_get(b))       # continue from the overlapped state
+        assert int(np.asarray(over.settled(fb))[0]) == 1
 
 
 # ------------------------------------------------------------------ kill -9 and resume (launcher)
@@ -199,9 +252,13 @@ def test_killed_runs_resume_from_their_last_complete_checkpoint(tmp_path):
     assert "encoder: 'state_full' (checkpoint) vs 'state_position' (command)" in log7
 
 
-def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("overlap", ["false", "true"])
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(overlap, tmp_path):
+    """With --overlap the non-finite losses of step t's learn program are seen one step later,
+    still before step t+1's actions reach the envs and before any checkpoint."""
     out = tmp_path / "run"
-    proc = _launch(out, "--critic_lr=1e30", "--actor_lr=1e30", "--checkpoint_every=10")
+    proc = _launch(out, "--critic_lr=1e30", "--actor_lr=1e30", "--checkpoint_every=10",
+                   f"--overlap={overlap}")
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == loop.EXIT_DIVERGED, log[-3000:]
     assert "Traceback" not in log and "action contains NaN" not in log

@@ -40,7 +40,7 @@ def test_rainbow_update_on_a_data_axis_equals_the_one_device_update_on_the_whole
     _case("rainbow_update")
 
 
-@pytest.mark.parametrize("agent", ["sac", "rainbow"])
+@pytest.mark.parametrize("agent", ["sac", pytest.param("rainbow", marks=pytest.mark.slow)])
 def test_runs_on_a_seed_axis_equal_the_one_device_vmapped_run(agent):
     _case("seed_axis", agent)
 

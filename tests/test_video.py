@@ -221,6 +221,7 @@ def test_state_sac_run_writes_videos_and_the_same_evaluations(tmp_path):
         with_video.config, video_every=5, video_max_steps=10), sac_train.SACTrainer.resumable)
 
 
+@pytest.mark.slow      # (~80 s; the state-SAC video test covers the recording in the default suite)
 def test_rainbow_cartpole_run_writes_schematic_videos(tmp_path):
     from tests.test_rainbow_train import cartpole_config
     lines = []
