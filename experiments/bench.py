@@ -335,23 +335,24 @@ def sac_stages():
         cot = jax.random.normal(key, h.shape)
         head = agent.critic.params["head"]
         feat = enc.apply({"params": head}, h, method="head")
+        # every array is an argument (none is captured as a compile-time constant XLA could fold)
         stages = {
             "sample + translate": (jax.jit(lambda r, k: sac.augment_batch(
                 cfg, k, rp.sample(rcfg, r, k, b), enc)), (replay_state, key)),
             "trunk forward (convs, T frames)": (jax.jit(
                 lambda p, x: enc.apply({"params": p}, x, method="trunk")), (trunk, obs)),
-            "trunk forward+backward": (jax.jit(jax.grad(lambda p, x: jnp.vdot(
-                enc.apply({"params": p}, x, method="trunk"), cot))), (trunk, obs)),
+            "trunk forward+backward": (jax.jit(jax.grad(lambda p, x, c: jnp.vdot(
+                enc.apply({"params": p}, x, method="trunk"), c))), (trunk, obs, cot)),
             "head Dense+LayerNorm fwd+bwd": (jax.jit(jax.grad(lambda p, hh: jnp.sum(
                 enc.apply({"params": p}, hh, method="head") ** 2), argnums=(0, 1))), (head, h)),
-            "critic loss fwd+bwd (all)": (jax.jit(jax.grad(lambda p: sac.critic_loss(
-                p, agent, obs, next_obs, batch, key)[0])), (agent.critic.params,)),
-            "actor loss fwd+bwd": (jax.jit(jax.grad(lambda p: sac.actor_loss(
-                p, agent.critic.params, agent, obs, key)[0])), (agent.actor.params,)),
+            "critic loss fwd+bwd (all)": (jax.jit(jax.grad(lambda p, ag, o, no, bt, k: sac.critic_loss(
+                p, ag, o, no, bt, k)[0])), (agent.critic.params, agent, obs, next_obs, batch, key)),
+            "actor loss fwd+bwd": (jax.jit(jax.grad(lambda p, cp, ag, o, k: sac.actor_loss(
+                p, cp, ag, o, k)[0])), (agent.actor.params, agent.critic.params, agent, obs, key)),
             "Adam step of the critic": (jax.jit(lambda st, g: st.apply_gradients(grads=g)),
                                         (agent.critic, jax.tree.map(jnp.ones_like, agent.critic.params))),
-            "Q MLPs fwd+bwd": (jax.jit(jax.grad(lambda p, f: jnp.sum(sac.TwinQ(1024).apply(
-                {"params": p}, f, batch.action)))), (agent.critic.params["q"], feat)),
+            "Q MLPs fwd+bwd": (jax.jit(jax.grad(lambda p, f, a: jnp.sum(sac.TwinQ(1024).apply(
+                {"params": p}, f, a)))), (agent.critic.params["q"], feat, batch.action)),
         }
         print(f"  {name}:")
         for label, (fn, args) in stages.items():
