@@ -100,6 +100,32 @@ def test_checkpoint_restores_bit_for_bit_and_the_next_updates_are_identical(case
     assert int(np.asarray(original.agent.updates).reshape(-1)[0]) >= 4 + 3
 
 
+@pytest.mark.parametrize("case", ["sac_state", "rainbow_atari"])
+def test_a_step_with_updates_updates_the_donated_replay_in_place(case):
+    """The compiled device step (store, add, sample + update, act) holds no copy of the replay's
+    frame buffer: the add writes into the donated buffer and the updates read it there. (Squeezing
+    the per-device data axis around the replay made XLA copy the frames 5 times per step: ~0.9 s
+    per Rainbow step at 100k frames, 0.6 s per pixel SAC step at 20k; seen with one seed.)"""
+    import re
+    cls, cfg, spec = CASES[case]
+    trainer = cls(config_flags.replace(cfg, seeds=(0,)), spec)
+    stepper = loop.Stepper(trainer, num_seeds=1)
+    carry = loop.init_carry(trainer, loop.seed_keys((0,)))
+    lay, e = stepper.layout, trainer.schedule.agent_steps_per_iteration
+    frames = max(jax.tree_util.tree_leaves(carry.replay), key=lambda x: x.size)
+    env = [np.zeros((e,) + spec.frame_shape, spec.frame_dtype), np.zeros(e, np.float32),
+           np.ones(e, np.float32), np.zeros(e, bool)]
+    hlo = stepper._compile(1, False).lower(
+        carry, *map(lay.put_envs, env), lay.put_per_device(np.zeros(len(lay.blocks), np.int32)),
+        np.int32(0), np.float32(0)).compile().as_text()
+    size = frames.size
+    copies = [l.strip() for l in hlo.splitlines() if re.search(r" copy(-start)?\(", l)
+              and (m := re.search(r"= \w+\[([\d,]+)\]", l))
+              and np.prod([int(d) for d in m.group(1).split(",")]) == size]
+    assert copies == [], copies[:3]
+    assert "input_output_alias" in hlo
+
+
 @pytest.mark.parametrize("case", ["sac_state", pytest.param("rainbow_cartpole", marks=pytest.mark.slow)])
 def test_overlapped_steps_act_before_the_updates_with_the_plain_steps_keys(case):
     """Stepper(overlap=True) runs act and learn as two programs: without updates, or with random
