@@ -23,6 +23,16 @@ time for the frame-stack update and 0.90x for Flare's (A/B in one process, 2-cor
 to order the per-chunk ops (it runs them layer by layer); one full-batch chunk measured 1.06x
 slower than the default chunking.
 
+Forward-only passes (`forward`): a conv stack that is not differentiated (SAC's target trunk and
+frozen frames, Rainbow's targets, acting) runs its primal, which is either the same chunks
+("chunked") or one full-batch pass ("full", the plain lowering). Which is faster depends on the
+CPU (`bench encoders`, Flare forward of 384 frames: on a 2-core AMD EPYC with AVX-512 the
+full-batch Eigen forward ran 1.36x faster than the chunks; on the 2-core AVX2 EPYC runs gave
+0.90x-1.27x), so `flare_jax.xla_cpu` measures it
+per machine along with the conv backend and `setup_process()` puts the choice in
+FLARE_JAX_CONV_FORWARD (a process setting, like XLA_FLAGS; read when a conv stack is traced;
+default "chunked"). Both compute the same function; the backward pass is always chunked.
+
 The input gradient of the first layer is computed only when `x` is floating point (pixels given
 as uint8 are not differentiable). GPU/TPU use the plain lowering (cuDNN / XLA TPU convs), which
 `impl="auto"` selects from the default backend.
@@ -47,6 +57,7 @@ import numpy as np
 from jax import lax
 
 from flare_jax.precision import canonical_dtype, cast
+from flare_jax.xla_cpu import FORWARDS, forward_mode
 
 Array = jax.Array
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -139,18 +150,22 @@ def _layers_backward(kernels, ins, outs, g, strides, relu_last, want_dx, dtype=j
     return dks, dbs, (g if want_dx else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _chunked(kernels, biases, x, strides, relu_last, scale, chunk, dtype):
-    return _chunked_fwd(kernels, biases, x, strides, relu_last, scale, chunk, dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+def _chunked(kernels, biases, x, strides, relu_last, scale, chunk, dtype, forward):
+    if forward == "full":     # not differentiated: one full-batch pass (see the module docstring)
+        return _forward_layers(kernels, biases, x, strides, relu_last, scale, dtype)[-1]
+    return _chunked_fwd(kernels, biases, x, strides, relu_last, scale, chunk, dtype, forward)[0]
 
 
-def _chunked_fwd(kernels, biases, x, strides, relu_last, scale, chunk, dtype):
+def _chunked_fwd(kernels, biases, x, strides, relu_last, scale, chunk, dtype, forward):
+    del forward   # differentiated: always the chunks (their outputs are the residuals)
     outs = [_forward_layers(kernels, biases, x[a:b], strides, relu_last, scale, dtype)
             for a, b in _bounds(x.shape[0], chunk)]
     return jnp.concatenate([o[-1] for o in outs]), (kernels, x, outs)
 
 
-def _chunked_bwd(strides, relu_last, scale, chunk, dtype, residuals, g):
+def _chunked_bwd(strides, relu_last, scale, chunk, dtype, forward, residuals, g):
+    del forward
     kernels, x, outs = residuals
     want_dx = jnp.issubdtype(x.dtype, jnp.floating)
     dk = [jnp.zeros_like(k) for k in kernels]
@@ -175,7 +190,7 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 def conv_stack(kernels: Sequence[Array], biases: Sequence[Array], x: Array, strides: Sequence[int],
                relu_last: bool = True, scale: float = 1.0, impl: str = "auto",
-               dtype="float32") -> Array:
+               dtype="float32", forward: str | None = None) -> Array:
     """VALID conv layers on x [N, H, W, C] (any dtype; multiplied by `scale` as float32)
     -> [N, h, w, co_last] in `dtype`.
 
@@ -183,10 +198,14 @@ def conv_stack(kernels: Sequence[Array], biases: Sequence[Array], x: Array, stri
     last only if `relu_last`). impl: "plain" (XLA's lowering), "chunked" (cache-sized batch
     chunks with the custom VJP above) or "auto" (chunked on CPU, plain elsewhere). dtype: the
     compute dtype, "float32" or "bfloat16" (`flare_jax.precision`); the parameters' gradients
-    keep the parameters' dtype.
+    keep the parameters' dtype. forward: how the chunked path runs when it is not
+    differentiated, "chunked" or "full" (default: `forward_mode()`, this process's setting).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    forward = forward_mode() if forward is None else forward
+    if forward not in FORWARDS:
+        raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
     dtype = canonical_dtype(dtype)
     kernels, biases, strides = tuple(kernels), tuple(biases), tuple(int(s) for s in strides)
     if impl == "auto":
@@ -202,4 +221,5 @@ def conv_stack(kernels: Sequence[Array], biases: Sequence[Array], x: Array, stri
         ho, wo = (ho - k.shape[0]) // s + 1, (wo - k.shape[1]) // s + 1
         largest = max(largest, ho * wo * k.shape[3] * 4)
     chunk = _chunk_size(n, max(largest, hgt * wid * x.shape[3] * 4))
-    return _chunked(kernels, biases, x, strides, bool(relu_last), float(scale), chunk, dtype.name)
+    return _chunked(kernels, biases, x, strides, bool(relu_last), float(scale), chunk, dtype.name,
+                    forward)

@@ -20,6 +20,10 @@ encoders` prints both), but that is a measurement, not a rule, so `choose_backen
   `conv_backend.json`, so it is measured once (~10-20 s, a note on stderr) and then read;
   concurrent processes (pytest workers, hosts of one run) wait on a file lock for the first one's
   measurement instead of measuring side by side;
+* the same subprocess of the faster backend also times the forward-only pass (an
+  undifferentiated conv stack: SAC's target trunk and frozen frames, Rainbow's targets, acting)
+  as the chunks and as one full-batch pass (`forward_mode`, `flare_jax.conv`), and the faster goes
+  into FLARE_JAX_CONV_FORWARD (unless the user set it);
 * `FLARE_JAX_CONV_BACKEND=eigen|ynnpack` skips the measurement (tests pin `eigen`); `measure`
   (the default) measures or reads the cache; a user's own `--xla_cpu_experimental_ynn_fusion_type`
   in XLA_FLAGS is respected as it is.
@@ -47,19 +51,27 @@ BACKENDS = ("eigen", "ynnpack")
 ENV_BACKEND = "FLARE_JAX_CONV_BACKEND"
 CHOICES = BACKENDS + ("measure",)
 _CACHE_FILE = "conv_backend.json"
+FORWARDS = ("chunked", "full")       # how an undifferentiated conv stack runs (flare_jax.conv)
+ENV_FORWARD = "FLARE_JAX_CONV_FORWARD"
 _CPU_EXTENSIONS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile",
                    "asimd", "sve")
 
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-    """The conv backend in effect and why: source is "env" (FLARE_JAX_CONV_BACKEND), "xla_flags"
+    """The CPU conv set-up in effect and why.
+
+    backend: "eigen" or "ynnpack"; forward: how undifferentiated conv stacks run ("chunked" or
+    "full", `forward_mode`). source: "env" (FLARE_JAX_CONV_BACKEND), "xla_flags"
     (the user's own flag), "measured" (just now), "cache" (an earlier measurement on this
-    machine), "fallback" (the measurement failed: eigen) or "not_cpu" (JAX_PLATFORMS has no cpu).
-    ms: the measured milliseconds per backend (one chunk of each trunk, forward+backward)."""
+    machine), "fallback" (the measurement failed: eigen, chunked) or "not_cpu" (JAX_PLATFORMS has
+    no cpu). ms: milliseconds per backend (one chunk of each trunk, forward+backward);
+    forward_ms: milliseconds per forward mode (under the chosen backend)."""
     backend: str
     source: str
     ms: dict | None = None
+    forward: str = "chunked"
+    forward_ms: dict | None = None
 
     def describe(self) -> str:
         name = {"eigen": "Eigen", "ynnpack": "YNNPACK"}.get(self.backend, self.backend)
@@ -68,11 +80,23 @@ class Choice:
         if self.ms:
             times = ", ".join(f"{b} {self.ms[b]:.0f} ms" for b in BACKENDS if b in self.ms)
             why = f"measured on this machine: {times} per trunk chunk fwd+bwd"
+            if self.forward_ms:
+                why += "; forward only " + ", ".join(
+                    f"{m} {v:.0f} ms" for m, v in sorted(self.forward_ms.items()))
             if self.source == "cache":
-                why += ", cached"
+                why += "; cached"
         else:
             why = how.get(self.source, self.source)
-        return f"{name} convs ({why})"
+        return f"{name} convs, {self.forward} forward-only passes ({why})"
+
+
+def forward_mode() -> str:
+    """How an undifferentiated chunked conv stack runs in this process: FLARE_JAX_CONV_FORWARD,
+    "chunked" (default) or "full" (`configure()` sets it from the per-machine measurement)."""
+    mode = os.environ.get(ENV_FORWARD, "chunked")
+    if mode not in FORWARDS:
+        raise ValueError(f"{ENV_FORWARD}={mode!r}: valid values are {', '.join(FORWARDS)}")
+    return mode
 
 
 def fast_conv_flag(ynn_fusion: str | None = None) -> str:
@@ -150,9 +174,11 @@ def _read_cache(path: str) -> dict:
 def cached_choice() -> Choice | None:
     """This machine's cached measurement, if any."""
     entry = _read_cache(cache_path()).get(machine_key())
-    if not isinstance(entry, dict) or entry.get("backend") not in BACKENDS:
+    if (not isinstance(entry, dict) or entry.get("backend") not in BACKENDS
+            or entry.get("forward") not in FORWARDS):
         return None
-    return Choice(entry["backend"], "cache", entry.get("ms"))
+    return Choice(entry["backend"], "cache", entry.get("ms"), entry["forward"],
+                  entry.get("forward_ms"))
 
 
 # ------------------------------------------------------------------------------ the measurement
@@ -167,28 +193,42 @@ def _env_for(backend: str) -> dict:
     return env
 
 
-def measure(repeats: int = 5, timeout_s: float = 300.0) -> dict[str, float]:
-    """Milliseconds per forward+backward of the two trunk chunks under each backend (the fastest
-    of `repeats` calls after a compile-and-warm-up call: the least disturbed by other load), each
-    backend in a fresh subprocess."""
-    ms = {}
+def measure(repeats: int = 5, timeout_s: float = 300.0) -> dict[str, dict]:
+    """{backend: {"ms": fwd+bwd of the two trunk chunks, "forward_ms": {forward mode: ms}}}
+    (each the fastest of `repeats` calls after a compile-and-warm-up call: the least disturbed
+    by other load), each backend in a fresh subprocess."""
+    out = {}
     for backend in BACKENDS:
-        out = subprocess.run(
+        proc = subprocess.run(
             [sys.executable, "-m", "flare_jax.xla_cpu", "--measure", str(repeats), backend],
             env=_env_for(backend), capture_output=True, text=True, timeout=timeout_s, check=True)
-        ms[backend] = float(json.loads(out.stdout.strip().splitlines()[-1])["ms"])
-    return ms
+        record = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[backend] = {"ms": float(record["ms"]),
+                        "forward_ms": {m: float(v) for m, v in record["forward_ms"].items()}}
+    return out
 
 
-def _measure_in_this_process(repeats: int) -> float:
+def _fastest_ms(fn, args, repeats: int) -> float:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def _measure_in_this_process(repeats: int) -> dict:
+    """{"ms": the two trunk chunks' fwd+bwd, "forward_ms": {mode: the DMC trunk's forward of
+    128 frames and the Atari trunk's of 128, undifferentiated, per FORWARDS mode}}."""
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    from flare_jax.conv import conv_stack  # pylint: disable=g-import-not-at-top
+    from flare_jax import conv  # pylint: disable=g-import-not-at-top
 
     cases = (((16, 108, 108, 3), (3, 3, 3, 3), (3, 32, 32, 32), (2, 1, 1, 1)),   # DMC pixels
              ((128, 84, 84, 1), (8, 4, 3), (1, 16, 32), (4, 2, 1)))             # Atari Flare
-    total = 0.0
+    total, forward_ms = 0.0, {mode: 0.0 for mode in FORWARDS}
     for x_shape, ksizes, cins, strides in cases:
         key = jax.random.PRNGKey(0)
         couts = cins[1:] + (32,)
@@ -197,18 +237,16 @@ def _measure_in_this_process(repeats: int) -> float:
         biases = [jnp.zeros(co) for co in couts]
         x = jax.random.randint(key, x_shape, 0, 256, jnp.int32).astype(jnp.uint8)
 
-        def loss(ks, bs, x=x, strides=strides):
-            return jnp.sum(conv_stack(ks, bs, x, strides, scale=1 / 255, impl="chunked") ** 2)
+        def loss(ks, bs, x, strides=strides):
+            return jnp.sum(conv.conv_stack(ks, bs, x, strides, scale=1 / 255, impl="chunked") ** 2)
 
-        fn = jax.jit(jax.grad(loss, (0, 1)))
-        jax.block_until_ready(fn(kernels, biases))
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            jax.block_until_ready(fn(kernels, biases))
-            times.append(time.perf_counter() - t)
-        total += float(np.min(times))
-    return total * 1e3
+        total += _fastest_ms(jax.jit(jax.grad(loss, (0, 1))), (kernels, biases, x), repeats)
+        batch = jnp.concatenate([x] * (128 // x.shape[0]))       # 128 frames
+        for mode in FORWARDS:
+            fn = jax.jit(lambda ks, bs, x, mode=mode, strides=strides: conv.conv_stack(
+                ks, bs, x, strides, scale=1 / 255, impl="chunked", forward=mode))
+            forward_ms[mode] += _fastest_ms(fn, (kernels, biases, batch), repeats)
+    return {"ms": total, "forward_ms": forward_ms}
 
 
 @contextlib.contextmanager
@@ -247,16 +285,20 @@ def choose_backend() -> Choice:
                 return choice
             print(f"[flare_jax] measuring Eigen vs YNNPACK CPU convolutions on this machine (once; "
                   f"cached in {path}) ...", file=sys.stderr, flush=True)
-            ms = measure()
+            measured = measure()
+            ms = {b: r["ms"] for b, r in measured.items()}
             best = min(ms, key=ms.get)
+            forward_ms = measured[best]["forward_ms"]
+            forward = min(forward_ms, key=forward_ms.get)
             data = _read_cache(path)
-            data[machine_key()] = {"backend": best, "ms": ms,
+            data[machine_key()] = {"backend": best, "ms": ms, "forward": forward,
+                                   "forward_ms": forward_ms,
                                    "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
             tmp = f"{path}.tmp.{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump(data, f, indent=1, sort_keys=True)
             os.replace(tmp, path)
-            choice = Choice(best, "measured", ms)
+            choice = Choice(best, "measured", ms, forward, forward_ms)
             print(f"[flare_jax] CPU conv backend: {choice.describe()}", file=sys.stderr, flush=True)
             return choice
     except (OSError, subprocess.SubprocessError, ValueError, KeyError) as e:
@@ -270,13 +312,17 @@ def configure() -> Choice:
     JAX's backends have not started yet (else warns and leaves XLA's defaults). Returns the
     choice in effect for this process."""
     choice = choose_backend()
+    if ENV_FORWARD in os.environ:               # the user's own setting wins
+        choice = dataclasses.replace(choice, forward=forward_mode())
+    else:
+        os.environ[ENV_FORWARD] = choice.forward
     if choice.backend == "eigen" and not is_configured():
         if _backends_initialized():
             warnings.warn(
                 "flare_jax.runtime.setup_process() ran after JAX started its backends, so XLA's "
                 "CPU convolutions stay on YNNPACK. Call it before running JAX code, or export "
                 f"XLA_FLAGS='{fast_conv_flag()}'.", stacklevel=3)
-            return Choice("ynnpack", "too_late")
+            return dataclasses.replace(choice, backend="ynnpack", source="too_late")
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + fast_conv_flag()).strip()
     return choice
 
@@ -300,7 +346,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--measure":
         if (sys.argv[3] == "eigen") != is_configured():
             sys.exit(f"XLA_FLAGS do not select {sys.argv[3]}")
-        print(json.dumps({"ms": _measure_in_this_process(int(sys.argv[2]))}))
+        print(json.dumps(_measure_in_this_process(int(sys.argv[2]))))
     else:
         # python -m flare_jax.xla_cpu: this machine's choice (measures if not cached)
         print(choose_backend().describe())

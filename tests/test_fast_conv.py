@@ -159,6 +159,42 @@ def test_chunked_stack_equals_plain_values_and_gradients(n, size, cin, channels,
         assert rel_err(g_c, g_p) < REL_TOL
 
 
+def test_full_batch_forward_only_pass_equals_the_chunks_and_leaves_gradients_alone(monkeypatch):
+    """forward="full" (flare_jax.xla_cpu.forward_mode): an undifferentiated stack is one
+    full-batch pass with the chunks' values; differentiated, the chunks run (same gradients, bit
+    for bit); a call whose parameters are frozen (stop_gradient, as SAC's target and frozen
+    frames) inside a gradient also runs the one full-batch pass."""
+    monkeypatch.setattr(fconv, "CHUNK_BYTES", 40_000)
+    key = jax.random.PRNGKey(5)
+    channels, kernels, strides = (8, 8, 8), (3, 3, 3), (2, 1, 1)
+    ks, bs = _stack_params(key, channels, kernels, 3)
+    x = jax.random.randint(jax.random.fold_in(key, 1), (37, 30, 30, 3), 0, 256).astype(jnp.uint8)
+
+    def out(forward, ks, bs):
+        return fconv.conv_stack(ks, bs, x, strides, True, 1 / 255.0, "chunked", forward=forward)
+
+    y_chunks = jax.jit(lambda *a: out("chunked", *a))(ks, bs)
+    y_full = jax.jit(lambda *a: out("full", *a))(ks, bs)
+    assert rel_err(y_full, y_chunks) < REL_TOL
+    n_convs = lambda f, *a: str(jax.make_jaxpr(f)(*a)).count("conv_general_dilated")  # noqa: E731
+    assert n_convs(lambda *a: out("full", *a), ks, bs) == len(kernels)         # one pass
+    assert n_convs(lambda *a: out("chunked", *a), ks, bs) > 2 * len(kernels)   # several chunks
+    grad = lambda forward: jax.jit(jax.grad(lambda *a: jnp.sum(out(forward, *a) ** 2), (0, 1)))(ks, bs)  # noqa: E731
+    for g_f, g_c in zip(jax.tree.leaves(grad("full")), jax.tree.leaves(grad("chunked"))):
+        np.testing.assert_array_equal(np.asarray(g_f), np.asarray(g_c))
+
+    def frozen_and_live(forward):
+        def loss(ks, bs):
+            frozen = out(forward, jax.lax.stop_gradient(ks), jax.lax.stop_gradient(bs))
+            return jnp.sum(frozen * out(forward, ks, bs))
+        return n_convs(jax.grad(loss, (0, 1)), ks, bs)
+    # the live call's chunks are the same in both; the frozen one is 1 pass instead of chunks
+    n_chunks = n_convs(lambda *a: out("chunked", *a), ks, bs) // len(kernels)
+    assert frozen_and_live("chunked") - frozen_and_live("full") == (n_chunks - 1) * len(kernels)
+    with pytest.raises(ValueError, match="forward must be one of"):
+        out("fastest", ks, bs)
+
+
 def test_chunked_stack_with_uint8_input_gives_parameter_gradients(monkeypatch):
     monkeypatch.setattr(fconv, "CHUNK_BYTES", 50_000)
     ks, bs = _stack_params(jax.random.PRNGKey(3), (8, 8), (3, 3), 3)

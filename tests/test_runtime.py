@@ -106,7 +106,8 @@ def test_setup_process_sets_the_xla_cpu_flag_and_mujoco_gl():
 
 _CHOICE = ("import json, os\nfrom flare_jax.runtime import setup_process\n"
            "c = setup_process()['cpu_conv']\nfrom flare_jax import xla_cpu\n"
-           "print(json.dumps({'backend': c.backend, 'source': c.source, "
+           "print(json.dumps({'backend': c.backend, 'source': c.source, 'forward': c.forward, "
+           "'forward_env': os.environ.get('FLARE_JAX_CONV_FORWARD'), "
            "'ynn': xla_cpu.conv_uses_ynnpack(), 'line': c.describe()}))\n")
 
 
@@ -115,7 +116,7 @@ def _choice_in_fresh_process(cache_dir, **env):
     import subprocess
     import sys
     base = {k: v for k, v in os.environ.items()
-            if k not in ("XLA_FLAGS", "MUJOCO_GL", "FLARE_JAX_CONV_BACKEND")}
+            if k not in ("XLA_FLAGS", "MUJOCO_GL", "FLARE_JAX_CONV_BACKEND", "FLARE_JAX_CONV_FORWARD")}
     out = subprocess.run([sys.executable, "-c", _CHOICE], capture_output=True, text=True,
                          timeout=600, env=dict(base, FLARE_JAX_CACHE_DIR=str(cache_dir), **env))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -136,6 +137,10 @@ def test_the_conv_backend_is_measured_once_then_read_from_the_cache_and_takes_ef
     assert set(entry["ms"]) == {"eigen", "ynnpack"} and all(v > 0 for v in entry["ms"].values())
     assert entry["backend"] == min(entry["ms"], key=entry["ms"].get) == first["backend"]
     assert first["ynn"] == (first["backend"] == "ynnpack")
+    # the forward-only mode: the faster of the two under the chosen backend, put in effect
+    assert set(entry["forward_ms"]) == {"chunked", "full"}
+    assert entry["forward"] == min(entry["forward_ms"], key=entry["forward_ms"].get)
+    assert first["forward"] == first["forward_env"] == entry["forward"]
     second, err = _choice_in_fresh_process(tmp_path)
     assert second["source"] == "cache" and second["backend"] == first["backend"]
     assert "measuring" not in err and "cached" in second["line"]
@@ -145,6 +150,13 @@ def test_the_conv_backend_is_measured_once_then_read_from_the_cache_and_takes_ef
         got, _ = _choice_in_fresh_process(tmp_path)
         assert (got["backend"], got["source"], got["ynn"]) == (backend, "cache",
                                                                backend == "ynnpack")
+    for forward in ("chunked", "full"):       # the cached forward mode is what runs
+        entry = dict(entry, forward=forward)
+        (tmp_path / "conv_backend.json").write_text(json.dumps({xla_cpu.machine_key(): entry}))
+        got, _ = _choice_in_fresh_process(tmp_path)
+        assert (got["forward"], got["forward_env"]) == (forward, forward)
+    got, _ = _choice_in_fresh_process(tmp_path, FLARE_JAX_CONV_FORWARD="chunked")   # user's wins
+    assert (got["forward"], got["forward_env"], got["source"]) == ("chunked", "chunked", "cache")
 
 
 def test_the_conv_backend_can_be_set_and_a_bad_value_is_one_line(tmp_path):
@@ -173,8 +185,9 @@ def test_processes_that_start_together_wait_for_one_measurement(tmp_path, monkey
     monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
     calls = []
-    monkeypatch.setattr(xla_cpu, "measure", lambda: calls.append(1) or {"eigen": 2.0,
-                                                                         "ynnpack": 1.0})
+    measured = {"eigen": {"ms": 2.0, "forward_ms": {"chunked": 1.0, "full": 3.0}},
+                "ynnpack": {"ms": 1.0, "forward_ms": {"chunked": 5.0, "full": 4.0}}}
+    monkeypatch.setattr(xla_cpu, "measure", lambda: calls.append(1) or measured)
     path = tmp_path / "conv_backend.json"
     with open(str(path) + ".lock", "a") as lock:             # another process is measuring
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -183,15 +196,16 @@ def test_processes_that_start_together_wait_for_one_measurement(tmp_path, monkey
         t.start()
         t.join(0.5)
         assert t.is_alive()                                    # waits on the lock
-        path.write_text(json.dumps({xla_cpu.machine_key(): {"backend": "eigen",
-                                                            "ms": {"eigen": 1, "ynnpack": 9}}}))
+        path.write_text(json.dumps({xla_cpu.machine_key(): {
+            "backend": "eigen", "ms": {"eigen": 1, "ynnpack": 9}, "forward": "full"}}))
         fcntl.flock(lock, fcntl.LOCK_UN)
     t.join(30)
-    assert result["c"] == xla_cpu.Choice("eigen", "cache", {"eigen": 1, "ynnpack": 9})
+    assert result["c"] == xla_cpu.Choice("eigen", "cache", {"eigen": 1, "ynnpack": 9}, "full")
     assert calls == []
     path.unlink()
-    assert xla_cpu.choose_backend() == xla_cpu.Choice("ynnpack", "measured",
-                                                      {"eigen": 2.0, "ynnpack": 1.0})
+    assert xla_cpu.choose_backend() == xla_cpu.Choice(
+        "ynnpack", "measured", {"eigen": 2.0, "ynnpack": 1.0}, "full", {"chunked": 5.0, "full": 4.0})
+    assert json.loads(path.read_text())[xla_cpu.machine_key()]["forward"] == "full"
     assert calls == [1]
     path.unlink()
 
