@@ -4,8 +4,9 @@
   seeds       full-state SAC updates (256x256, batch 256, replay sampling included) for S = 1, 4,
               8, 16 seeds vmapped into one compiled update: seed-updates/s and cost vs 1 seed.
   rainbow     Rainbow update (Flare and baseline torsos, batch 32), PER sample + priority update
-              at 1M capacity, and end-to-end training frames/s on Pong with the time shares of
-              env stepping, acting, replay and updates.
+              at 1M capacity, and end-to-end training frames/s on Pong in the steady state (the
+              loop steps after the run's last compile) with the time shares of env stepping,
+              acting, replay and updates.
   peak        this machine's float32 matmul throughput (the best of a few large square matmuls): the
               compute ceiling that `seeds` and `rainbow` hold their targets against.
   checkpoint  whole-state checkpoints of the two large replays (100k pixel SAC transitions, 3 GB;
@@ -19,6 +20,9 @@
               settings (--encoder=flare|frame_stack|both) for each of --dtypes, with its FLOPs (XLA
               count), GFLOP/s and share of this run's matmul peak, and full-state SAC updates per
               second (256x256 and 1024x1024 MLPs), fused (lax.scan) and unfused.
+  profile     where the updates' time goes per class of XLA operation (convolution, dot,
+              elementwise, reduction, layout, ...; experiments.op_profile), with the bytes each
+              class moves: the Rainbow update, the run loop's Rainbow step, pixel SAC updates.
   sac_stages  where a pixel SAC update's time goes: sampling + translate, the trunk's convs
               forward and forward+backward, the head, the Q MLPs, the losses, Adam, each with its
               FLOPs, GFLOP/s and share of this run's peak.
@@ -216,7 +220,7 @@ def _filled_replay(config, key, episode_len=125):
         cursor=jnp.zeros((), jnp.int32), count=jnp.array(s, jnp.int32))
 
 
-def _sac_update_fn(replay_config, batch_size, n_fused):
+def _sac_update_fn(replay_config, batch_size, n_fused, donate: bool = True):
     """jit(n x (sample + update)) with the agent state donated: the run loop's `learn`."""
     from agents import sac_train  # pylint: disable=g-import-not-at-top
 
@@ -225,7 +229,7 @@ def _sac_update_fn(replay_config, batch_size, n_fused):
                                             n_fused, agent.updates)
         return agent, metrics
 
-    return jax.jit(fn, donate_argnums=0)
+    return jax.jit(fn, donate_argnums=0 if donate else ())
 
 
 def cpu_features() -> str:
@@ -545,14 +549,15 @@ def rainbow():
         game="pong", num_envs=FLAGS.rainbow_envs, frames=FLAGS.e2e_frames,
         eval_every_frames=10**9, eval_frames=4 * FLAGS.rainbow_envs, eval_envs=1,
         replay_capacity=100_000, min_replay=1_000, run=RunConfig(tensorboard=False))
-    fps_by_overlap = {}
+    fps_by_overlap, fps_whole = {}, {}
     for overlap in (False, True):         # RunConfig.overlap: env stepping beside the updates
         cfg = dataclasses.replace(env_cfg, run=RunConfig(tensorboard=False, overlap=overlap))
-        loop.run(rainbow_train.RainbowTrainer, dataclasses.replace(cfg, frames=8_000),
-                 log=None)                                                # compile caches warm
         res = loop.run(rainbow_train.RainbowTrainer, cfg, log=None)
         frames_done = res.counters.iteration * 4 * FLAGS.rainbow_envs
-        fps_by_overlap[overlap] = frames_done / res.seconds
+        # the steady state: the loop steps after the run's last compile (RunResult.steady)
+        iterations, seconds = res.steady
+        fps_by_overlap[overlap] = iterations * 4 * FLAGS.rainbow_envs / seconds
+        fps_whole[overlap] = frames_done / res.seconds
     fps_e2e = fps_by_overlap[False]
     # component costs per iteration of the loop (num_envs agent steps)
     from flare_jax.envs.atari import AtariEnv  # pylint: disable=g-import-not-at-top
@@ -578,9 +583,11 @@ def rainbow():
              "updates": t_update}
     total = sum(parts.values())
     print(f"  end to end, Pong, Flare torso, {FLAGS.rainbow_envs} envs, 1 update per 16 frames: "
-          f"{fps_e2e:,.0f} training frames/s over {frames_done:,d} frames "
-          f"({res.counters.updates:,d} updates); with --overlap (envs step while the updates "
-          f"run): {fps_by_overlap[True]:,.0f} frames/s ({fps_by_overlap[True] / fps_e2e:.2f}x)")
+          f"{fps_e2e:,.0f} training frames/s in the steady state (the loop steps after the last "
+          f"compile; the whole run of {frames_done:,d} frames and {res.counters.updates:,d} "
+          f"updates, compiles included: {fps_whole[False]:,.0f}); with --overlap (envs step "
+          f"while the updates run): {fps_by_overlap[True]:,.0f} frames/s "
+          f"({fps_by_overlap[True] / fps_e2e:.2f}x; whole run {fps_whole[True]:,.0f})")
     print("  time shares per loop iteration (" + f"{frames_per_iter} frames; components timed "
           "separately): " + ", ".join(f"{k} {v * 1e3:.1f} ms ({100 * v / total:.0f}%)" for k, v in parts.items()))
     print(f"  -> components alone would allow {frames_per_iter / total:,.0f} frames/s")
@@ -596,6 +603,110 @@ def rainbow():
         _emit(dict(bench="rainbow_floor", peak_gflops=peak_gflops, max_frames_per_s=bound))
     _emit(dict(bench="rainbow_e2e", frames_per_s=fps_e2e, frames_per_s_overlap=fps_by_overlap[True],
                **{k: v for k, v in parts.items()}))
+
+
+flags.DEFINE_list("profile_targets", ["rainbow_update", "rainbow_step", "sac_flare", "sac_frame_stack"],
+                  "profile: the programs to profile (rainbow_update: a Rainbow update, Flare torso, "
+                  "batch 32; rainbow_step: the run loop's step with one update on Pong shapes; "
+                  "sac_flare / sac_frame_stack: a pixel SAC update with its actor step)")
+PROFILE_TARGETS = ("rainbow_update", "rainbow_step", "sac_flare", "sac_frame_stack")
+
+
+def _rainbow_step_profile(key):
+    """The run loop's step program (`loop.Stepper`, one seed, 4 Pong-shaped envs, PER at 100k,
+    one update), driven with its donated carry fed back: (profile, ms per step)."""
+    from agents import rainbow_train  # pylint: disable=g-import-not-at-top
+    from experiments import op_profile  # pylint: disable=g-import-not-at-top
+    from flare_jax import loop  # pylint: disable=g-import-not-at-top
+    cfg = rainbow_train.RainbowTrainConfig(game="pong", num_envs=4, replay_capacity=100_000)
+    spec = loop.EnvSpec(frame_shape=(84, 84), frame_dtype="uint8", action_shape=(),
+                        action_dtype="int32", num_actions=6)
+    trainer = rainbow_train.RainbowTrainer(cfg, spec)
+    stepper = loop.Stepper(trainer, num_seeds=1)
+    state = {"carry": loop.init_carry(trainer, loop.seed_keys((0,)), stepper.layout)}
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (4, 84, 84), dtype=np.uint8)
+    env = (frame, np.zeros(4, np.float32), np.ones(4, np.float32), np.zeros(4, bool))
+
+    def run(k, n=1, random=False):
+        for i in range(k):
+            state["carry"], _, _ = stepper.step(state["carry"], *env, n=n, random=random,
+                                                update_count=i, progress=0.5)
+            stepper.actions(state["carry"])
+        jax.block_until_ready(state["carry"])
+    run(260, n=0, random=True)     # past the sampler's minimum: the replay holds ~1,000 frames
+    run(2)                         # compile the step with an update
+    lay = stepper.layout
+    args = (state["carry"], *(lay.put_envs(x) for x in env),
+            lay.put_per_device(np.zeros(len(lay.blocks), np.int32)), np.int32(0), np.float32(0.5))
+    hlo = stepper._fn(1, False, "step").lower(*args).compile().as_text()  # pylint: disable=protected-access
+    t = time.perf_counter()
+    run(FLAGS.repeats * 4)
+    step_ms = (time.perf_counter() - t) / (FLAGS.repeats * 4) * 1e3
+    return op_profile.profile(run, hlo, calls=10), step_ms
+
+
+@benchmark
+def profile():
+    """Where the time of the updates goes, per class of XLA operation (experiments.op_profile):
+    the Rainbow update, the run loop's Rainbow step and the pixel SAC updates, each with its
+    FLOPs (XLA count on the plain conv lowering) and share of this run's matmul peak."""
+    from agents import rainbow as rb  # pylint: disable=g-import-not-at-top
+    from agents import sac  # pylint: disable=g-import-not-at-top
+    from experiments import op_profile  # pylint: disable=g-import-not-at-top
+    from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
+    unknown = sorted(set(FLAGS.profile_targets) - set(PROFILE_TARGETS))
+    if unknown:
+        raise app.UsageError(f"--profile_targets: unknown {', '.join(unknown)}; valid: "
+                             f"{', '.join(PROFILE_TARGETS)}")
+    if jax.default_backend() != "cpu":
+        raise app.UsageError("profile reads XLA CPU traces: run it with JAX_PLATFORMS=cpu")
+    key = jax.random.PRNGKey(0)
+    peak_gflops, _ = matmul_peak_gflops(repeats=FLAGS.repeats)
+    print(f"profile: per call of each program, the time of its HLO instructions by class "
+          f"(10 traced calls)\n  {machine_line(peak_gflops)}")
+    for target in FLAGS.profile_targets:
+        if target.startswith("rainbow"):
+            batch = 32
+            plain_cfg = rb.RainbowConfig(torso_kwargs=(("conv_impl", "plain"),))
+            obs = jax.random.randint(key, (batch, 4, 84, 84, 1), 0, 256).astype(jnp.uint8)
+            b = rp.Batch(obs=obs, action=jnp.zeros(batch, jnp.int32), reward=jnp.ones(batch),
+                         discount=jnp.full(batch, 0.97), next_obs=obs[::-1],
+                         env=jnp.zeros(batch, jnp.int32), slot=jnp.zeros(batch, jnp.int32))
+            fn = jax.jit(lambda s, b, k: rb.update(s, b, jnp.ones(batch), k))
+            spec = jax.ShapeDtypeStruct((4, 84, 84, 1), jnp.uint8)
+            gflop = xla_flops(fn, jax.eval_shape(lambda k: rb.init(k, spec, 6, plain_cfg), key),
+                              b, key) / 1e9
+            if target == "rainbow_update":
+                prof = op_profile.profile_jitted(fn, rb.init(key, spec, 6, rb.RainbowConfig()), b,
+                                                 key)
+                label = "Rainbow update, Flare torso, batch 32"
+            else:
+                prof, step_ms = _rainbow_step_profile(key)
+                label = (f"the run loop's Rainbow step with one update (Pong shapes, 4 envs, PER "
+                         f"at 100k; {step_ms:.1f} ms per step untraced, actions read back)")
+        else:
+            name = target[len("sac_"):]
+            cfg = sac.SACConfig(encoder=name, num_frames=FLAGS.frames, image_size=FLAGS.size)
+            rcfg = rp.ReplayConfig(capacity=10_000, frame_shape=(100, 100, 3), action_shape=(6,),
+                                   stack=FLAGS.frames)
+            replay_state = _filled_replay(rcfg, key)
+            obs_spec = jax.ShapeDtypeStruct((FLAGS.frames, 100, 100, 3), jnp.uint8)
+            act_spec = jax.ShapeDtypeStruct((6,), jnp.float32)
+            fn = _sac_update_fn(rcfg, FLAGS.batch, 1, donate=False)
+            plain = dataclasses.replace(cfg, encoder_kwargs=(("conv_impl", "plain"),))
+            gflop = _plain_flops(fn, lambda: sac.init(key, obs_spec, act_spec, plain),
+                                 replay_state, key) / 1e9
+            prof = op_profile.profile_jitted(fn, sac.init(key, obs_spec, act_spec, cfg),
+                                             replay_state, key, calls=3)
+            label = (f"pixel SAC update with the actor step, {name}, batch {FLAGS.batch}, "
+                     f"{FLAGS.size}px, T={FLAGS.frames}")
+        rate = gflop / prof.wall_ms * 1e3
+        _emit(dict(bench="profile", target=target, wall_ms=prof.wall_ms, gflop=gflop,
+                   classes=prof.classes, moved_mb=prof.moved_mb))
+        print(f"\n  {target}: {label}\n  traced: {prof.wall_ms:.1f} ms per call, {gflop:.2f} GFLOP = "
+              f"{rate:.0f} GFLOP/s = {100 * rate / peak_gflops:.0f}% of this run's peak")
+        print("    " + prof.table().replace("\n", "\n    "), flush=True)
 
 
 flags.DEFINE_integer("devices", 4, "scaling: N, the devices of each mesh's process (CPU: virtual)")
