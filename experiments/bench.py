@@ -257,12 +257,30 @@ def _plain_flops(fn_of_agent, make_agent, *args) -> float:
     return xla_flops(fn_of_agent, jax.eval_shape(make_agent), *args)
 
 
+def _pixel_sac_case(key, encoder: str, dtype: str, action_dim: int, donate: bool = True):
+    """A pixel SAC update at the reference settings (--batch, --size, --frames; 100 px stored,
+    a full 10k replay of random frames): (config, agent, replay, jitted sample + update
+    (`_sac_update_fn`), its GFLOP by XLA's count on the plain conv lowering)."""
+    from agents import sac  # pylint: disable=g-import-not-at-top
+    from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
+    cfg = sac.SACConfig(encoder=encoder, num_frames=FLAGS.frames, image_size=FLAGS.size,
+                        compute_dtype=dtype)
+    rcfg = rp.ReplayConfig(capacity=10_000, frame_shape=(100, 100, 3), action_shape=(action_dim,),
+                           stack=FLAGS.frames)
+    replay_state = _filled_replay(rcfg, key)
+    obs_spec = jax.ShapeDtypeStruct((FLAGS.frames, 100, 100, 3), jnp.uint8)
+    act_spec = jax.ShapeDtypeStruct((action_dim,), jnp.float32)
+    fn = _sac_update_fn(rcfg, FLAGS.batch, 1, donate=donate)
+    plain = dataclasses.replace(cfg, encoder_kwargs=(("conv_impl", "plain"),))
+    gflop = _plain_flops(fn, lambda: sac.init(key, obs_spec, act_spec, plain), replay_state,
+                         key) / 1e9
+    return cfg, sac.init(key, obs_spec, act_spec, cfg), replay_state, fn, gflop
+
+
 @benchmark
 def sac_update():
     """Seconds per SAC update, sampling + augmentation + update, at the reference settings, with
     its FLOP count (XLA cost analysis), GFLOP/s and share of this run's matmul peak."""
-    from agents import sac  # pylint: disable=g-import-not-at-top
-    from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
     key = jax.random.PRNGKey(0)
     action_dim = 6
     encoders = {"both": ["flare", "frame_stack"], "none": [], "stack": ["frame_stack"]}.get(
@@ -272,19 +290,8 @@ def sac_update():
     print(f"sac_update: batch {FLAGS.batch}, {FLAGS.size}px (stored 100px, translate), "
           f"T={FLAGS.frames}, hidden 1024, feature 64, {action_dim}-dim actions, replay of 10k "
           f"transitions; median of {FLAGS.repeats}\n  {machine_line(peak_gflops)}")
-    obs_spec = jax.ShapeDtypeStruct((FLAGS.frames, 100, 100, 3), jnp.uint8)
-    act_spec = jax.ShapeDtypeStruct((action_dim,), jnp.float32)
     for name, dtype in ((n, d) for n in encoders for d in FLAGS.dtypes):
-        cfg = sac.SACConfig(encoder=name, num_frames=FLAGS.frames, image_size=FLAGS.size,
-                            compute_dtype=dtype)
-        rcfg = rp.ReplayConfig(capacity=10_000, frame_shape=(100, 100, 3), action_shape=(action_dim,),
-                               stack=FLAGS.frames)
-        replay_state = _filled_replay(rcfg, key)
-        agent = sac.init(key, obs_spec, act_spec, cfg)
-        fn = _sac_update_fn(rcfg, FLAGS.batch, 1)
-        plain = dataclasses.replace(cfg, encoder_kwargs=(("conv_impl", "plain"),))
-        gflop = _plain_flops(fn, lambda: sac.init(key, obs_spec, act_spec, plain),
-                             replay_state, key) / 1e9
+        cfg, agent, replay_state, fn, gflop = _pixel_sac_case(key, name, dtype, action_dim)
         for i in range(4):                                # compile + warm the allocator
             agent, _ = fn(agent, replay_state, jax.random.fold_in(key, 100 + i))
         jax.block_until_ready(agent)
@@ -477,6 +484,32 @@ def _median_call_s(fn, *args, calls: int, repeats: int):
     return float(np.median(times))
 
 
+def _rainbow_update_case(key, batch: int, torso: str = "atari_flare", dtype: str = "float32",
+                         outputs: str = "all"):
+    """A Rainbow update on Pong-shaped random uint8 stacks (6 actions): (state, batch, jitted
+    update(state, batch, key), gflop()). outputs "state" keeps only the new state (the timed
+    update), "all" also its metrics and priorities (nothing left for XLA to drop). gflop(): XLA's
+    FLOP count of that function on the plain conv lowering (cost analysis counts a chunked
+    loop's body once)."""
+    from agents import rainbow as rb  # pylint: disable=g-import-not-at-top
+    from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
+    spec = jax.ShapeDtypeStruct((4, 84, 84, 1), jnp.uint8)
+    state = rb.init(key, spec, 6, rb.RainbowConfig(torso=torso, compute_dtype=dtype))
+    obs = jax.random.randint(key, (batch,) + spec.shape, 0, 256).astype(jnp.uint8)
+    b = rp.Batch(obs=obs, action=jnp.zeros(batch, jnp.int32), reward=jnp.ones(batch),
+                 discount=jnp.full(batch, 0.97), next_obs=obs[::-1], env=jnp.zeros(batch, jnp.int32),
+                 slot=jnp.zeros(batch, jnp.int32))
+    keep = (lambda out: out[0]) if outputs == "state" else (lambda out: out)  # noqa: E731
+    fn = jax.jit(lambda s, b, k: keep(rb.update(s, b, jnp.ones(batch), k)))
+
+    def gflop():
+        plain_cfg = rb.RainbowConfig(torso=torso, torso_kwargs=(("conv_impl", "plain"),),
+                                     compute_dtype=dtype)
+        plain = jax.eval_shape(lambda k: rb.init(k, spec, 6, plain_cfg), key)
+        return xla_flops(fn, plain, b, key) / 1e9
+    return state, b, fn, gflop
+
+
 @benchmark
 def rainbow():
     """Rainbow: update, PER at 1M, and the end-to-end loop on Pong."""
@@ -486,29 +519,18 @@ def rainbow():
     from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
     from flare_jax import sum_tree  # pylint: disable=g-import-not-at-top
     key = jax.random.PRNGKey(0)
-    num_actions, batch = 6, 32
+    batch = 32
     peak_gflops, _ = matmul_peak_gflops(repeats=FLAGS.repeats)
     _emit(dict(bench="peak", gflops=peak_gflops))
     print(f"rainbow: median of {FLAGS.repeats}\n  {machine_line(peak_gflops)}")
     update_ms, flare_gflop = {}, None
     for torso, dtype in ((t, d) for t in ("atari_flare", "atari_baseline") for d in FLAGS.dtypes):
-        state = rb.init(key, jax.ShapeDtypeStruct((4, 84, 84, 1), jnp.uint8), num_actions,
-                        rb.RainbowConfig(torso=torso, compute_dtype=dtype))
-        obs = jax.random.randint(key, (batch, 4, 84, 84, 1), 0, 256).astype(jnp.uint8)
-        b = rp.Batch(obs=obs, action=jnp.zeros(batch, jnp.int32), reward=jnp.ones(batch),
-                     discount=jnp.full(batch, 0.97), next_obs=obs[::-1], env=jnp.zeros(batch, jnp.int32),
-                     slot=jnp.zeros(batch, jnp.int32))
-        fn = jax.jit(lambda s, b, k: rb.update(s, b, jnp.ones(batch), k)[0])
+        state, b, fn, plain_gflop = _rainbow_update_case(key, batch, torso, dtype, outputs="state")
         update_ms[torso, dtype] = ms = 1e3 * _median_call_s(fn, state, b, key, calls=20,
                                                              repeats=FLAGS.repeats)
         work = ""
         if jax.default_backend() == "cpu":   # GPU cost analysis leaves out cuDNN's convolutions
-            # counted on the plain conv lowering (cost analysis counts a chunked loop's body once)
-            plain_cfg = rb.RainbowConfig(torso=torso, torso_kwargs=(("conv_impl", "plain"),),
-                                         compute_dtype=dtype)
-            plain = jax.eval_shape(lambda k: rb.init(k, jax.ShapeDtypeStruct((4, 84, 84, 1), jnp.uint8),
-                                                     num_actions, plain_cfg), key)
-            gflop = xla_flops(fn, plain, b, key) / 1e9
+            gflop = plain_gflop()
             if torso == "atari_flare" and (dtype == "float32" or flare_gflop is None):
                 flare_gflop = gflop
             rate = gflop / ms * 1e3
@@ -605,11 +627,11 @@ def rainbow():
                **{k: v for k, v in parts.items()}))
 
 
-flags.DEFINE_list("profile_targets", ["rainbow_update", "rainbow_step", "sac_flare", "sac_frame_stack"],
+PROFILE_TARGETS = ("rainbow_update", "rainbow_step", "sac_flare", "sac_frame_stack")
+flags.DEFINE_list("profile_targets", list(PROFILE_TARGETS),
                   "profile: the programs to profile (rainbow_update: a Rainbow update, Flare torso, "
                   "batch 32; rainbow_step: the run loop's step with one update on Pong shapes; "
                   "sac_flare / sac_frame_stack: a pixel SAC update with its actor step)")
-PROFILE_TARGETS = ("rainbow_update", "rainbow_step", "sac_flare", "sac_frame_stack")
 
 
 def _rainbow_step_profile(key):
@@ -636,10 +658,7 @@ def _rainbow_step_profile(key):
         jax.block_until_ready(state["carry"])
     run(260, n=0, random=True)     # past the sampler's minimum: the replay holds ~1,000 frames
     run(2)                         # compile the step with an update
-    lay = stepper.layout
-    args = (state["carry"], *(lay.put_envs(x) for x in env),
-            lay.put_per_device(np.zeros(len(lay.blocks), np.int32)), np.int32(0), np.float32(0.5))
-    hlo = stepper._fn(1, False, "step").lower(*args).compile().as_text()  # pylint: disable=protected-access
+    hlo = stepper.lower_step(state["carry"], *env, n=1, random=False).compile().as_text()
     t = time.perf_counter()
     run(FLAGS.repeats * 4)
     step_ms = (time.perf_counter() - t) / (FLAGS.repeats * 4) * 1e3
@@ -651,10 +670,7 @@ def profile():
     """Where the time of the updates goes, per class of XLA operation (experiments.op_profile):
     the Rainbow update, the run loop's Rainbow step and the pixel SAC updates, each with its
     FLOPs (XLA count on the plain conv lowering) and share of this run's matmul peak."""
-    from agents import rainbow as rb  # pylint: disable=g-import-not-at-top
-    from agents import sac  # pylint: disable=g-import-not-at-top
     from experiments import op_profile  # pylint: disable=g-import-not-at-top
-    from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
     unknown = sorted(set(FLAGS.profile_targets) - set(PROFILE_TARGETS))
     if unknown:
         raise app.UsageError(f"--profile_targets: unknown {', '.join(unknown)}; valid: "
@@ -667,19 +683,10 @@ def profile():
           f"(10 traced calls)\n  {machine_line(peak_gflops)}")
     for target in FLAGS.profile_targets:
         if target.startswith("rainbow"):
-            batch = 32
-            plain_cfg = rb.RainbowConfig(torso_kwargs=(("conv_impl", "plain"),))
-            obs = jax.random.randint(key, (batch, 4, 84, 84, 1), 0, 256).astype(jnp.uint8)
-            b = rp.Batch(obs=obs, action=jnp.zeros(batch, jnp.int32), reward=jnp.ones(batch),
-                         discount=jnp.full(batch, 0.97), next_obs=obs[::-1],
-                         env=jnp.zeros(batch, jnp.int32), slot=jnp.zeros(batch, jnp.int32))
-            fn = jax.jit(lambda s, b, k: rb.update(s, b, jnp.ones(batch), k))
-            spec = jax.ShapeDtypeStruct((4, 84, 84, 1), jnp.uint8)
-            gflop = xla_flops(fn, jax.eval_shape(lambda k: rb.init(k, spec, 6, plain_cfg), key),
-                              b, key) / 1e9
+            state, b, fn, plain_gflop = _rainbow_update_case(key, 32)
+            gflop = plain_gflop()          # the step's FLOPs are its update's (acting: < 1%)
             if target == "rainbow_update":
-                prof = op_profile.profile_jitted(fn, rb.init(key, spec, 6, rb.RainbowConfig()), b,
-                                                 key)
+                prof = op_profile.profile_jitted(fn, state, b, key)
                 label = "Rainbow update, Flare torso, batch 32"
             else:
                 prof, step_ms = _rainbow_step_profile(key)
@@ -687,18 +694,9 @@ def profile():
                          f"at 100k; {step_ms:.1f} ms per step untraced, actions read back)")
         else:
             name = target[len("sac_"):]
-            cfg = sac.SACConfig(encoder=name, num_frames=FLAGS.frames, image_size=FLAGS.size)
-            rcfg = rp.ReplayConfig(capacity=10_000, frame_shape=(100, 100, 3), action_shape=(6,),
-                                   stack=FLAGS.frames)
-            replay_state = _filled_replay(rcfg, key)
-            obs_spec = jax.ShapeDtypeStruct((FLAGS.frames, 100, 100, 3), jnp.uint8)
-            act_spec = jax.ShapeDtypeStruct((6,), jnp.float32)
-            fn = _sac_update_fn(rcfg, FLAGS.batch, 1, donate=False)
-            plain = dataclasses.replace(cfg, encoder_kwargs=(("conv_impl", "plain"),))
-            gflop = _plain_flops(fn, lambda: sac.init(key, obs_spec, act_spec, plain),
-                                 replay_state, key) / 1e9
-            prof = op_profile.profile_jitted(fn, sac.init(key, obs_spec, act_spec, cfg),
-                                             replay_state, key, calls=3)
+            _, agent, replay_state, fn, gflop = _pixel_sac_case(key, name, "float32", 6,
+                                                                donate=False)
+            prof = op_profile.profile_jitted(fn, agent, replay_state, key, calls=3)
             label = (f"pixel SAC update with the actor step, {name}, batch {FLAGS.batch}, "
                      f"{FLAGS.size}px, T={FLAGS.frames}")
         rate = gflop / prof.wall_ms * 1e3

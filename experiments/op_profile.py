@@ -22,8 +22,7 @@ here, just before the next instruction that needs their result), and the runtime
 
 For each class it also sums the bytes the instructions read and write (their operand and result
 shapes; for gathers and in-place updates not the indexed buffer), so memory-bound classes show an
-effective bandwidth. CPU only: the GPU trace has other
-event names.
+effective bandwidth. CPU only: the GPU trace has other event names.
 """
 from __future__ import annotations
 
@@ -114,7 +113,7 @@ def op_class(name: str, computations: dict, instructions: dict) -> str:
             ops |= _opcodes(c, computations, instructions)
     if "convolution" in ops:
         return "convolution"
-    if "dot" in ops or "custom-call" in ops and "ynn" in name:
+    if "dot" in ops:
         return "dot"
     if ops & {"reduce", "reduce-window"}:
         return "reduction"
@@ -130,9 +129,9 @@ def op_class(name: str, computations: dict, instructions: dict) -> str:
 @dataclasses.dataclass
 class Profile:
     """Per call of the profiled program: `wall_ms` (from the first traced instruction's start to
-    the last one's end, / calls), `classes`
-    {class: ms} (adding up to wall_ms, `untraced` included), `moved_mb` {class: MB read + written
-    by its instructions}, `top` [(ms, instruction, class, source)] (the costliest instructions)."""
+    the last one's end, / calls), `classes` {class: ms} (adding up to wall_ms, `untraced`
+    included), `moved_mb` {class: MB read + written by its instructions}, `top` [(ms,
+    instruction, class, source)] (the costliest instructions)."""
     wall_ms: float
     classes: dict
     moved_mb: dict
@@ -145,7 +144,7 @@ class Profile:
             rate = f"{mb / ms:6.1f}" if mb and ms > 0 else "     -"
             lines.append(f"{k:14s} {ms:8.2f} {100 * ms / self.wall_ms:5.0f}% "
                          f"{mb:9.1f} {rate}")
-        lines.append(f"costliest instructions (ms/call, class, jax source):")
+        lines.append("costliest instructions (ms/call, class, jax source):")
         for ms, name, klass, source in self.top[:top]:
             lines.append(f"  {ms:6.2f}  {name:28s} {klass:12s} {source[-70:]}")
         return "\n".join(lines)

@@ -575,11 +575,8 @@ class Stepper:
              update_count: int, progress: float, stop: bool = False):
         """One device step. frame [L, *env frame], reward/discount/first [L] (numpy, this
         process's envs in `Layout.train_members` order) -> (carry, metrics [S], flags [2])."""
-        lay = self.layout
-        stop = lay.put_per_device(np.full(len(lay.blocks), int(stop), np.int32))
-        env_args = (lay.put_envs(frame), lay.put_envs(reward), lay.put_envs(discount),
-                    lay.put_envs(first))
-        count, progress = np.int32(update_count), np.float32(progress)
+        env_args, stop, count, progress = self._device_args(frame, reward, discount, first, stop,
+                                                            update_count, progress)
         if not self.overlap:
             return self._fn(n, random, "step")(carry, *env_args, stop, count, progress)
         learn_ok = np.int32(1) if self._learn_ok is None else self._learn_ok
@@ -590,6 +587,20 @@ class Stepper:
                 carry.agent, carry.replay, carry.key, count, progress)
             carry = carry.replace(agent=agent, replay=replay, key=key)
         return carry, metrics, flags
+
+    def _device_args(self, frame, reward, discount, first, stop, update_count, progress):
+        lay = self.layout
+        stop = lay.put_per_device(np.full(len(lay.blocks), int(stop), np.int32))
+        env_args = (lay.put_envs(frame), lay.put_envs(reward), lay.put_envs(discount),
+                    lay.put_envs(first))
+        return env_args, stop, np.int32(update_count), np.float32(progress)
+
+    def lower_step(self, carry: Carry, frame, reward, discount, first, *, n: int, random: bool):
+        """The whole-step program (`step` without overlap) lowered for these arguments, e.g. to
+        read its optimised HLO (`.compile().as_text()`); nothing runs, nothing is donated."""
+        env_args, stop, count, progress = self._device_args(frame, reward, discount, first, False,
+                                                            0, 0.0)
+        return self._fn(n, random, "step").lower(carry, *env_args, stop, count, progress)
 
     def settled(self, flags):
         """The flags of the last step including its learn program's (overlap; waits for it)."""
