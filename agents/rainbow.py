@@ -257,8 +257,10 @@ def update(state: RainbowState, batch, weights: Array, key: Array,
     updates, opt_state = _optimizer(config).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     count = state.updates + 1
-    target = jax.tree.map(lambda t, p: jnp.where(count % config.target_update_period == 0, p, t),
-                          state.target_params, params)
+    # a cond, not a select: the other updates leave the target's buffers alone (no pass over
+    # them); under a seed vmap the predicate is batched and the cond becomes the select
+    target = jax.lax.cond(count % config.target_update_period == 0, lambda: params,
+                          lambda: state.target_params)
     priorities = jnp.clip(jax.lax.stop_gradient(per_sample), 0.0, config.max_priority)
     metrics = {**mesh_lib.pmean({"loss": loss, "per_sample_loss_mean": jnp.mean(per_sample)}, axis_name),
                "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params)}

@@ -16,6 +16,14 @@ chunks whose largest activation is ~CHUNK_BYTES, with a custom VJP:
   (a convolution of the output gradient with the flipped kernel, lhs-dilated for strided layers),
   each an Eigen convolution; the weight gradients are summed over chunks.
 
+A strided layer whose kernel is a whole number of strides (Atari's 8x8/4 and 4x4/2) runs as a
+stride-1 conv over s x s space-to-depth blocks of its input with the kernel's taps regrouped the
+same way (`_space_to_depth`, `_blocked_kernel`): the same products summed in another order. Its
+input gradient is then a plain padded conv; the strided layer's is an lhs-dilated conv that
+multiplies s*s - 1 zeros for each useful product (the Atari Flare torso's conv stack fwd+bwd over
+96 frames: 9.9 ms blocked vs 14.7 ms strided; the Rainbow update ~6 ms faster, 2-core Zen 4 VM).
+SAC's 3x3/2 layer is not blocked (its input gradient is never computed: uint8 pixels).
+
 The chunks are a Python loop (one set of ops per chunk), not `lax.map`/`lax.scan`: a scan's
 stacked residuals cost a zero-fill of each buffer plus dynamic-update-slice copies (~130 ms of a
 1.5 s frame-stack SAC update in a profile), and the unrolled loop measured 0.89-0.94x the scan's
@@ -72,18 +80,70 @@ def _conv(h: Array, kernel: Array, stride: int) -> Array:
     return lax.conv_general_dilated(h, kernel, (stride, stride), "VALID", dimension_numbers=_DN)
 
 
+def _blocked(kernel_shape, stride: int) -> bool:
+    """Whether the chunked path runs this layer as a stride-1 conv over s x s blocks (stride > 1
+    and the kernel a whole number of strides, e.g. the Atari 8x8/4 and 4x4/2 layers)."""
+    return stride > 1 and kernel_shape[0] % stride == 0 and kernel_shape[1] % stride == 0
+
+
+def _space_to_depth(h: Array, kernel_shape, stride: int) -> Array:
+    """[n, H, W, c] -> [n, H'/s, W'/s, s*s*c]: the rows and columns a VALID stride-s conv with this
+    kernel reads (H' = s * (Ho + kh/s - 1) <= H), each s x s block's pixels as channels (row
+    offset, column offset, c)."""
+    n, hgt, wid, c = h.shape
+    (kh, kw), s = kernel_shape[:2], stride
+    rows, cols = s * ((hgt - kh) // s + kh // s), s * ((wid - kw) // s + kw // s)
+    h = h[:, :rows, :cols].reshape(n, rows // s, s, cols // s, s, c)
+    return h.transpose(0, 1, 3, 2, 4, 5).reshape(n, rows // s, cols // s, s * s * c)
+
+
+def _depth_to_space(g: Array, in_shape, stride: int) -> Array:
+    """The adjoint of `_space_to_depth`: [n, h, w, s*s*c] -> [n, H, W, c], zero in the rows and
+    columns the conv does not read."""
+    n, hb, wb, cc = g.shape
+    s, c = stride, cc // (stride * stride)
+    g = g.reshape(n, hb, wb, s, s, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, hb * s, wb * s, c)
+    return jnp.pad(g, ((0, 0), (0, in_shape[1] - hb * s), (0, in_shape[2] - wb * s), (0, 0)))
+
+
+def _blocked_kernel(kernel: Array, stride: int) -> Array:
+    """[kh, kw, ci, co] -> [kh/s, kw/s, s*s*ci, co], tap (a*s + i, b*s + j) of the kernel at block
+    tap (a, b), channel (i, j, ci): conv(space_to_depth(h), this, stride 1) = conv(h, kernel, s)."""
+    kh, kw, ci, co = kernel.shape
+    s = stride
+    k = kernel.reshape(kh // s, s, kw // s, s, ci, co).transpose(0, 2, 1, 3, 4, 5)
+    return k.reshape(kh // s, kw // s, s * s * ci, co)
+
+
+def _unblocked_kernel(dk: Array, kernel_shape, stride: int) -> Array:
+    """The inverse permutation of `_blocked_kernel` (for the filter gradient)."""
+    kh, kw, ci, co = kernel_shape
+    s = stride
+    k = dk.reshape(kh // s, kw // s, s, s, ci, co).transpose(0, 2, 1, 3, 4, 5)
+    return k.reshape(kernel_shape)
+
+
+def _conv_layer(h: Array, kernel: Array, stride: int, blocked: bool) -> Array:
+    if blocked and _blocked(kernel.shape, stride):
+        return _conv(_space_to_depth(h, kernel.shape, stride), _blocked_kernel(kernel, stride), 1)
+    return _conv(h, kernel, stride)
+
+
 def _scaled_input(x: Array, scale: float, dtype) -> Array:
     """x (any dtype, e.g. uint8 pixels) * scale, computed in float32, as `dtype`."""
     return cast(x.astype(jnp.float32) * scale, dtype)
 
 
-def _forward_layers(kernels, biases, x, strides, relu_last, scale, dtype=jnp.float32):
+def _forward_layers(kernels, biases, x, strides, relu_last, scale, dtype=jnp.float32,
+                    blocked=False):
     """All layer outputs for one batch (list of [n, h, w, c], `dtype`); kernels and biases are
-    cast to `dtype` (their gradients, by autodiff, come back in their own dtype)."""
+    cast to `dtype` (their gradients, by autodiff, come back in their own dtype). `blocked`:
+    strided layers whose kernel is a whole number of strides run as stride-1 convs over
+    space-to-depth blocks (`_conv_layer`; the same sums in another order)."""
     h = _scaled_input(x, scale, dtype)
     outs = []
     for i, (k, b, s) in enumerate(zip(kernels, biases, strides)):
-        h = _conv(h, cast(k, dtype), s) + cast(b, dtype)
+        h = _conv_layer(h, cast(k, dtype), s, blocked) + cast(b, dtype)
         if i < len(kernels) - 1 or relu_last:
             h = jax.nn.relu(h)
         outs.append(h)
@@ -144,22 +204,30 @@ def _layers_backward(kernels, ins, outs, g, strides, relu_last, want_dx, dtype=j
         if i < n_layers - 1 or relu_last:
             g = jnp.where(outs[i] > 0, g, 0.0)
         dbs[i] = _bias_grad(cast(g, param_dtype))
-        dks[i] = _filter_grad(ins[i], g, kernels[i].shape, strides[i], param_dtype)
+        shape, stride = kernels[i].shape, strides[i]
+        if _blocked(shape, stride):    # stride-1 formulas on the blocks: no dilated convs
+            h = _space_to_depth(ins[i], shape, stride)
+            k = _blocked_kernel(cast(kernels[i], dtype), stride)
+            dks[i] = _unblocked_kernel(_filter_grad(h, g, k.shape, 1, param_dtype), shape, stride)
+            if i > 0 or want_dx:
+                g = _depth_to_space(_input_grad(g, k, h.shape[1:3], 1), ins[i].shape, stride)
+            continue
+        dks[i] = _filter_grad(ins[i], g, shape, stride, param_dtype)
         if i > 0 or want_dx:
-            g = _input_grad(g, cast(kernels[i], dtype), ins[i].shape[1:3], strides[i])
+            g = _input_grad(g, cast(kernels[i], dtype), ins[i].shape[1:3], stride)
     return dks, dbs, (g if want_dx else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
 def _chunked(kernels, biases, x, strides, relu_last, scale, chunk, dtype, forward):
     if forward == "full":     # not differentiated: one full-batch pass (see the module docstring)
-        return _forward_layers(kernels, biases, x, strides, relu_last, scale, dtype)[-1]
+        return _forward_layers(kernels, biases, x, strides, relu_last, scale, dtype, True)[-1]
     return _chunked_fwd(kernels, biases, x, strides, relu_last, scale, chunk, dtype, forward)[0]
 
 
 def _chunked_fwd(kernels, biases, x, strides, relu_last, scale, chunk, dtype, forward):
     del forward   # differentiated: always the chunks (their outputs are the residuals)
-    outs = [_forward_layers(kernels, biases, x[a:b], strides, relu_last, scale, dtype)
+    outs = [_forward_layers(kernels, biases, x[a:b], strides, relu_last, scale, dtype, True)
             for a, b in _bounds(x.shape[0], chunk)]
     return jnp.concatenate([o[-1] for o in outs]), (kernels, x, outs)
 

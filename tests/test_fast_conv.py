@@ -137,6 +137,7 @@ def _stack_params(key, channels, kernels, cin):
     (37, 30, 3, (8, 8, 8), (3, 3, 3), (2, 1, 1), True),          # a smaller last chunk
     (6, 84, 1, (16, 32, 32), (8, 4, 3), (4, 2, 1), False),        # Atari Flare torso
     (5, 24, 12, (16, 16), (3, 3), (1, 2), True),
+    (3, 91, 2, (8, 8), (8, 4), (4, 2), True),      # blocked layers that skip rows (91 -> 21 -> 9)
 ])
 def test_chunked_stack_equals_plain_values_and_gradients(n, size, cin, channels, kernels, strides,
                                                          relu_last, monkeypatch):
@@ -157,6 +158,30 @@ def test_chunked_stack_equals_plain_values_and_gradients(n, size, cin, channels,
     grad = lambda impl: jax.jit(jax.grad(lambda *a: jnp.sum(out(impl, *a) * cot), (0, 1, 2)))(ks, bs, x)  # noqa: E731
     for g_c, g_p in zip(jax.tree.leaves(grad("chunked")), jax.tree.leaves(grad("plain"))):
         assert rel_err(g_c, g_p) < REL_TOL
+
+
+@pytest.mark.parametrize("size,k,stride,cin", [(84, 8, 4, 1), (21, 4, 2, 16), (23, 6, 3, 2)])
+def test_a_blocked_layer_is_the_strided_conv_and_its_backward_the_adjoint(size, k, stride, cin):
+    """The chunked path runs a stride-s conv whose kernel is a whole number of strides as a
+    stride-1 conv over s x s space-to-depth blocks (no lhs-dilated input-gradient conv, which
+    multiplies s*s - 1 zeros per product): the same values as the strided conv, and
+    `_depth_to_space` is the adjoint of `_space_to_depth` (zero on the rows the conv skips)."""
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(size), 3)
+    h = jax.random.normal(k1, (3, size, size, cin))
+    w = jax.random.normal(k2, (k, k, cin, 5))
+    assert fconv._blocked(w.shape, stride) and not fconv._blocked((3, 3, 1, 1), 2)
+    blocks = fconv._space_to_depth(h, w.shape, stride)
+    y = fconv._conv(blocks, fconv._blocked_kernel(w, stride), 1)
+    assert rel_err(y, fconv._conv(h, w, stride)) < REL_TOL
+    np.testing.assert_array_equal(
+        fconv._unblocked_kernel(fconv._blocked_kernel(w, stride), w.shape, stride), w)
+    g = jax.random.normal(k3, blocks.shape)
+    back = fconv._depth_to_space(g, h.shape, stride)
+    assert back.shape == h.shape
+    np.testing.assert_allclose(float(jnp.vdot(blocks, g)), float(jnp.vdot(h, back)), rtol=1e-5)
+    skipped = h.shape[1] - blocks.shape[1] * stride
+    if skipped:
+        assert float(jnp.abs(back[:, -skipped:]).max()) == 0.0
 
 
 def test_full_batch_forward_only_pass_equals_the_chunks_and_leaves_gradients_alone(monkeypatch):
