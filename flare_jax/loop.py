@@ -424,6 +424,26 @@ def single_device_layout(trainer: Trainer, num_seeds: int) -> mesh_lib.Layout:
                            trainer.schedule.agent_steps_per_iteration)
 
 
+def _squeezed(fn, in_axes=0, out_axes=0):
+    """`jax.vmap(fn, in_axes, out_axes)` for a mapped axis of size 1 (axes 0 or None, as pytree
+    prefixes): the leaves mapped over are reshaped to drop their leading 1, `fn` runs unbatched
+    (no unit batch dimension on its ops), and the mapped outputs get the 1 back."""
+    def over(axes, tree, f):
+        if not isinstance(axes, tuple):
+            axes = (axes,) * len(tree)
+        return tuple(jax.tree.map(lambda a, t: t if a is None else jax.tree.map(f, t), ax, t,
+                                  is_leaf=lambda x: x is None)
+                     for ax, t in zip(axes, tree))
+
+    def run(*args):
+        out = fn(*over(in_axes, args, lambda x: x.reshape(x.shape[1:])))
+        single = not isinstance(out, tuple)
+        out = over(out_axes if not single else (out_axes,), (out,) if single else out,
+                   lambda x: jnp.reshape(x, (1,) + jnp.shape(x)))
+        return out[0] if single else out
+    return run
+
+
 class Stepper:
     """The compiled device functions of a Trainer on a mesh (`flare_jax.mesh.Layout`).
 
@@ -483,71 +503,67 @@ class Stepper:
                   else jnp.bool_(True))
         return action, finite
 
-    def _one(self, carry: Carry, frame, reward, discount, first, count, progress, *, n, random,
-             axis):
-        """The whole step: observe, n updates, act with the updated agent."""
-        replay, stack = self._observe(carry, frame, reward, discount, first)
-        key, k_learn, k_act = jax.random.split(carry.key, 3)
-        agent, metrics, finite = carry.agent, {}, jnp.bool_(True)
-        if n:
-            agent, replay, metrics, finite = self._learn(agent, replay, k_learn, n, count,
-                                                         progress, axis)
-        action, finite_action = self._act(agent, stack, k_act, random, axis)
-        return (Carry(agent=agent, replay=replay, stack=stack, action=action, key=key), metrics,
-                finite & finite_action)
-
-    def _one_act(self, carry: Carry, frame, reward, discount, first, *, random, axis,
-                 advance_key):
-        """overlap, first program: observe and act with the agent as it is; the loop key moves
-        on here only when no learn program follows (else learn moves it, from the same split)."""
-        replay, stack = self._observe(carry, frame, reward, discount, first)
-        key, _, k_act = jax.random.split(carry.key, 3)
-        action, finite = self._act(carry.agent, stack, k_act, random, axis)
-        return (Carry(agent=carry.agent, replay=replay, stack=stack, action=action,
-                      key=key if advance_key else carry.key), finite)
-
-    def _one_learn(self, agent, replay, key, count, progress, *, n, axis):
-        """overlap, second program: the n updates (the k_learn of the step's split)."""
-        key, k_learn, _ = jax.random.split(key, 3)
-        agent, replay, metrics, finite = self._learn(agent, replay, k_learn, n, count, progress,
-                                                     axis)
-        return agent, replay, key, metrics, finite
-
     def _compile(self, n: int, random: bool, part: str = "step"):
         """part: "step" (the whole step), "act" or "learn" (the two programs of `overlap`).
 
-        A device holds [S_d, 1, ...] of every per-shard leaf (its seeds, its one data shard):
-        the per-shard function is vmapped over that size-1 axis (agent and key broadcast) and
-        then over the seeds, rather than applied to the leaves with the axis squeezed out:
-        squeezed and unsqueezed again around a replay update, the donated replay buffers were
-        copied (5 copies of the frames per step that samples: ~0.9 s at 100k Atari frames)."""
+        Each is made of three segments per device, for each seed and data shard: observe
+        (store, replay add, stack push), learn (the n updates, `Trainer.learn`) and act. A
+        device holds [S_d, 1, ...] of every per-shard leaf (its seeds, its one data shard).
+        Observe and act are vmapped over that size-1 axis (agent and key broadcast) and then
+        over the seeds: squeezed and unsqueezed again around a replay add, the donated replay
+        buffers were copied (5 copies of the frames per step that samples: ~0.9 s at 100k Atari
+        frames). Learn is vmapped the same way when a device holds several seeds; with one seed
+        its size-1 axes are reshaped away (`_squeezed`): a vmap of size 1 leaves a unit batch
+        dimension on every op of the update, which measured ~15% slower per Rainbow step on Pong
+        shapes (and the learn segment only reads the frames, so nothing is copied)."""
         axis = "data" if self.layout.shape.data > 1 else None
+        learn_vmap = jax.vmap if self.layout.seeds_per_row > 1 else _squeezed
         all_ok = lambda finite: jax.lax.pmin(jnp.all(finite).astype(jnp.int32), mesh_lib.AXES)  # noqa: E731
         any_stop = lambda stop: jax.lax.pmax(jnp.max(stop), mesh_lib.AXES)  # noqa: E731
         first = lambda tree: jax.tree.map(lambda x: x[:, 0], tree)  # noqa: E731  [S_d, 1] -> [S_d]
         shard_axes = Carry(agent=None, replay=0, stack=0, action=0, key=None)
-        per_shard = Carry(agent=0, replay=0, stack=0, action=0, key=0)
+        split = jax.vmap(lambda k: tuple(jax.random.split(k, 3)))   # [S_d, 2] -> 3 x [S_d, 2]
+
+        def observe(carry, frame, reward, discount, first_):     # -> replay, stack [S_d, 1, ...]
+            one = jax.vmap(self._observe, in_axes=(shard_axes, 0, 0, 0, 0))
+            return jax.vmap(one)(carry, frame, reward, discount, first_)
+
+        def learn(agent, replay, k_learn, count, progress):
+            """-> agent [S_d], replay [S_d, 1], metrics [S_d], finite [S_d, 1]"""
+            one = lambda a, r, k: self._learn(a, r, k, n, count, progress, axis)  # noqa: E731
+            agent, replay, metrics, finite = learn_vmap(learn_vmap(one, in_axes=(None, 0, None)))(
+                agent, replay, k_learn)
+            return first(agent), replay, first(metrics), finite
+
+        def act(agent, stack, k_act):                            # -> action, finite [S_d, 1]
+            one = lambda a, st, k: self._act(a, st, k, random, axis)  # noqa: E731
+            return jax.vmap(jax.vmap(one, in_axes=(None, 0, None)))(agent, stack, k_act)
 
         def per_device_step(carry, frame, reward, discount, first_, stop, count, progress):
-            one = lambda c, f, r, d, fi: self._one(c, f, r, d, fi, count, progress, n=n,  # noqa: E731
-                                                   random=random, axis=axis)
-            one = jax.vmap(one, in_axes=(shard_axes, 0, 0, 0, 0), out_axes=(per_shard, 0, 0))
-            out, metrics, finite = jax.vmap(one)(carry, frame, reward, discount, first_)
-            out = out.replace(agent=first(out.agent), key=first(out.key))
-            return out, first(metrics), jnp.stack([all_ok(finite), any_stop(stop)])
+            replay, stack = observe(carry, frame, reward, discount, first_)
+            key, k_learn, k_act = split(carry.key)
+            agent, metrics, finite = carry.agent, {}, jnp.bool_(True)
+            if n:
+                agent, replay, metrics, finite = learn(agent, replay, k_learn, count, progress)
+            action, finite_action = act(agent, stack, k_act)
+            out = Carry(agent=agent, replay=replay, stack=stack, action=action, key=key)
+            return out, metrics, jnp.stack([all_ok(finite & finite_action), any_stop(stop)])
 
         def per_device_act(carry, frame, reward, discount, first_, stop, learn_ok):
-            one = lambda c, f, r, d, fi: self._one_act(c, f, r, d, fi, random=random,  # noqa: E731
-                                                       axis=axis, advance_key=not n)
-            one = jax.vmap(one, in_axes=(shard_axes, 0, 0, 0, 0), out_axes=(shard_axes, 0))
-            out, finite = jax.vmap(one)(carry, frame, reward, discount, first_)
+            """observe and act with the agent as it is; the loop key moves on here only when no
+            learn program follows (else learn moves it, from the same split)."""
+            replay, stack = observe(carry, frame, reward, discount, first_)
+            key, _, k_act = split(carry.key)
+            action, finite = act(carry.agent, stack, k_act)
+            out = Carry(agent=carry.agent, replay=replay, stack=stack, action=action,
+                        key=carry.key if n else key)
             return out, jnp.stack([jnp.minimum(all_ok(finite), learn_ok), any_stop(stop)])
 
         def per_device_learn(agent, replay, key, count, progress):
-            one = lambda a, r, k: self._one_learn(a, r, k, count, progress, n=n, axis=axis)  # noqa: E731
-            one = jax.vmap(one, in_axes=(None, 0, None))
-            agent, replay, key, metrics, finite = jax.vmap(one)(agent, replay, key)
-            return first(agent), replay, first(key), first(metrics), all_ok(finite)
+            """the n updates, with the k_learn of the step's split"""
+            key, k_learn, _ = split(key)
+            agent, replay, metrics, finite = learn(agent, replay, k_learn, count, progress)
+            return agent, replay, key, metrics, all_ok(finite)
 
         env_spec, c = P("seed", "data"), CARRY_SPECS
         fn, in_specs, out_specs = {

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -124,6 +125,39 @@ def test_a_step_with_updates_updates_the_donated_replay_in_place(case):
               and np.prod([int(d) for d in m.group(1).split(",")]) == size]
     assert copies == [], copies[:3]
     assert "input_output_alias" in hlo
+
+
+def test_squeezed_is_the_vmap_of_a_size_one_axis():
+    def fn(tree, x, y):
+        return {"a": tree["w"] @ x + y, "b": tree["c"] * 2.0}, jnp.sum(x)
+    tree = {"w": jnp.arange(6.0).reshape(1, 2, 3), "c": jnp.ones((4,))}
+    x, y = jnp.arange(3.0).reshape(1, 3), jnp.float32(0.5)
+    in_axes = ({"w": 0, "c": None}, 0, None)
+    got = loop._squeezed(fn, in_axes=in_axes)(tree, x, y)
+    want = jax.vmap(fn, in_axes=in_axes)(tree, x, y)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.shape == w.shape
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("case", ["sac_state", "rainbow_cartpole"])
+def test_one_seed_per_device_learns_unbatched_what_the_seed_vmap_learns(case, monkeypatch):
+    """With one seed per device the learn segment runs with the size-1 axes reshaped away
+    (`loop._squeezed`); the same steps with it vmapped instead leave the same state (float
+    tolerance: unbatched and batched kernels may sum in another order), actions included."""
+    cls, cfg, spec = CASES[case]
+    trainer = cls(config_flags.replace(cfg, seeds=(0,)), spec)
+    keys = loop.seed_keys((0,))
+    squeezed = loop.Stepper(trainer, num_seeds=1)
+    a = _drive(squeezed, loop.init_carry(trainer, keys), spec, 10, 0, 2)
+    monkeypatch.setattr(loop, "_squeezed", jax.vmap)
+    vmapped = loop.Stepper(trainer, num_seeds=1)
+    b = _drive(vmapped, loop.init_carry(trainer, keys), spec, 10, 0, 2)
+    assert int(np.asarray(a.agent.updates).reshape(-1)[0]) == int(np.asarray(b.agent.updates).reshape(-1)[0]) > 0
+    for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
+        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
+                                   rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["sac_state", pytest.param("rainbow_cartpole", marks=pytest.mark.slow)])
