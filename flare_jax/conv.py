@@ -13,16 +13,17 @@ chunks whose largest activation is ~CHUNK_BYTES, with a custom VJP:
 * forward: each chunk through all layers; every layer's output is kept as the residual;
 * backward, chunk by chunk: ReLU mask, bias gradient (a two-stage sum), filter gradient (a
   convolution of the layer input with the output gradient, batch contracted) and input gradient
-  (a convolution of the output gradient with the flipped kernel, lhs-dilated for strided layers),
-  each an Eigen convolution; the weight gradients are summed over chunks.
+  (a convolution of the output gradient with the flipped kernel, lhs-dilated for strided
+  layers that are not blocked, below), each an Eigen convolution; the weight gradients are summed
+  over chunks.
 
 A strided layer whose kernel is a whole number of strides (Atari's 8x8/4 and 4x4/2) runs as a
 stride-1 conv over s x s space-to-depth blocks of its input with the kernel's taps regrouped the
 same way (`_space_to_depth`, `_blocked_kernel`): the same products summed in another order. Its
 input gradient is then a plain padded conv; the strided layer's is an lhs-dilated conv that
 multiplies s*s - 1 zeros for each useful product (the Atari Flare torso's conv stack fwd+bwd over
-96 frames: 9.9 ms blocked vs 14.7 ms strided; the Rainbow update ~6 ms faster, 2-core Zen 4 VM).
-SAC's 3x3/2 layer is not blocked (its input gradient is never computed: uint8 pixels).
+96 frames: 9.9 ms blocked vs 14.7 ms strided; the Rainbow update 36.7 vs 41.7 ms, 2-core Zen 4
+VM). SAC's 3x3/2 layer is not blocked (its input gradient is never computed: uint8 pixels).
 
 The chunks are a Python loop (one set of ops per chunk), not `lax.map`/`lax.scan`: a scan's
 stacked residuals cost a zero-fill of each buffer plus dynamic-update-slice copies (~130 ms of a

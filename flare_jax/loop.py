@@ -424,23 +424,18 @@ def single_device_layout(trainer: Trainer, num_seeds: int) -> mesh_lib.Layout:
                            trainer.schedule.agent_steps_per_iteration)
 
 
-def _squeezed(fn, in_axes=0, out_axes=0):
-    """`jax.vmap(fn, in_axes, out_axes)` for a mapped axis of size 1 (axes 0 or None, as pytree
-    prefixes): the leaves mapped over are reshaped to drop their leading 1, `fn` runs unbatched
-    (no unit batch dimension on its ops), and the mapped outputs get the 1 back."""
-    def over(axes, tree, f):
-        if not isinstance(axes, tuple):
-            axes = (axes,) * len(tree)
-        return tuple(jax.tree.map(lambda a, t: t if a is None else jax.tree.map(f, t), ax, t,
-                                  is_leaf=lambda x: x is None)
-                     for ax, t in zip(axes, tree))
-
+def _squeezed(fn, in_axes=0):
+    """`jax.vmap(fn, in_axes)` for a mapped axis of size 1 (in_axes: 0 or None per argument, as
+    pytree prefixes; every output mapped): the leaves mapped over are reshaped to drop their
+    leading 1, `fn` runs unbatched (no unit batch dimension on its ops), and every output leaf
+    gets the 1 back."""
     def run(*args):
-        out = fn(*over(in_axes, args, lambda x: x.reshape(x.shape[1:])))
-        single = not isinstance(out, tuple)
-        out = over(out_axes if not single else (out_axes,), (out,) if single else out,
-                   lambda x: jnp.reshape(x, (1,) + jnp.shape(x)))
-        return out[0] if single else out
+        axes = in_axes if isinstance(in_axes, tuple) else (in_axes,) * len(args)
+        args = [jax.tree.map(lambda a, t: t if a is None else
+                             jax.tree.map(lambda x: x.reshape(x.shape[1:]), t),
+                             ax, arg, is_leaf=lambda x: x is None)
+                for ax, arg in zip(axes, args)]
+        return jax.tree.map(lambda x: jnp.reshape(x, (1,) + jnp.shape(x)), fn(*args))
     return run
 
 
