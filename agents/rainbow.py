@@ -241,7 +241,7 @@ def loss_fn(state: RainbowState, params, batch, weights: Array, key: Array):
 
 def update(state: RainbowState, batch, weights: Array, key: Array,
            axis_name: Optional[str] = None) -> tuple[RainbowState, dict, Array]:
-    """One Rainbow update on `batch` (flare_jax.replay.Batch: n-step reward, discount =
+    """One Rainbow update on `batch` (flare_jax.data.replay.Batch: n-step reward, discount =
     gamma^n * prod(transition discounts)) with importance weights [B].
 
     Returns the new state, metrics and the new priorities [B] = clip(per-sample loss, 0, 100).

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from agents import rainbow
-from flare_jax import loop, mesh as mesh_lib, prioritized as per, replay as rp, stacking, video
+from flare_jax import loop, mesh as mesh_lib, video
+from flare_jax.data import prioritized as per, replay as rp, stacking
 from flare_jax.envs.atari import FRAMES_PER_STEP, GAMES, GYM_TASKS, AtariEnv, GymVectorEnv, get_game
 from flare_jax.loop import RunConfig
 

@@ -37,11 +37,12 @@ import optax
 from flax import struct
 from flax.training.train_state import TrainState
 
-from flare_jax import augment, loop, precision
+from flare_jax import loop, precision
+from flare_jax.data import augment
 from flare_jax import mesh as mesh_lib
 from flare_jax.encoders import make_encoder
 from flare_jax.precision import COMPUTE_DTYPES, canonical_dtype
-from flare_jax.replay import Batch
+from flare_jax.data.replay import Batch
 
 Array = jax.Array
 _ORTHO = nn.initializers.orthogonal(1.0)

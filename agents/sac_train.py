@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from agents import sac
-from flare_jax import augment, loop, mesh as mesh_lib, replay as rp, stacking, video
+from flare_jax import loop, mesh as mesh_lib, video
+from flare_jax.data import augment, replay as rp, stacking
 from flare_jax.envs import dmc_tasks
 from flare_jax.envs.dmc import DMCEnv
 from flare_jax.loop import RunConfig

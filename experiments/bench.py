@@ -45,7 +45,7 @@ import time
 
 from absl import app, flags
 
-from flare_jax import xla_cpu
+from flare_jax.cpu import xla_cpu
 
 import jax
 import jax.numpy as jnp
@@ -205,7 +205,7 @@ def _print_encoder_table(rows):
 
 def _filled_replay(config, key, episode_len=125):
     """A full replay state of random frames with an episode start every `episode_len` slots."""
-    from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
+    from flare_jax.data import replay as rp  # pylint: disable=g-import-not-at-top
     e, s = config.num_envs, config.slots
     k1, k2, k3 = jax.random.split(key, 3)
     if jnp.issubdtype(config.frame_dtype, jnp.integer):
@@ -262,7 +262,7 @@ def _pixel_sac_case(key, encoder: str, dtype: str, action_dim: int, donate: bool
     a full 10k replay of random frames): (config, agent, replay, jitted sample + update
     (`_sac_update_fn`), its GFLOP by XLA's count on the plain conv lowering)."""
     from agents import sac  # pylint: disable=g-import-not-at-top
-    from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
+    from flare_jax.data import replay as rp  # pylint: disable=g-import-not-at-top
     cfg = sac.SACConfig(encoder=encoder, num_frames=FLAGS.frames, image_size=FLAGS.size,
                         compute_dtype=dtype)
     rcfg = rp.ReplayConfig(capacity=10_000, frame_shape=(100, 100, 3), action_shape=(action_dim,),
@@ -322,7 +322,7 @@ def sac_stages():
     FLOP count, GFLOP/s and share of this run's matmul peak (the update fuses them; the stages'
     sum is close to, not equal to, the update's time)."""
     from agents import sac  # pylint: disable=g-import-not-at-top
-    from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
+    from flare_jax.data import replay as rp  # pylint: disable=g-import-not-at-top
     key = jax.random.PRNGKey(0)
     action_dim, b = 6, FLAGS.batch
     peak_gflops, _ = matmul_peak_gflops(repeats=FLAGS.repeats)
@@ -379,7 +379,7 @@ def sac_stages():
 
 def _state_sac_updates(key):
     from agents import sac  # pylint: disable=g-import-not-at-top
-    from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
+    from flare_jax.data import replay as rp  # pylint: disable=g-import-not-at-top
     obs_dim, action_dim, batch = 24, 6, 256
     print(f"full-state SAC updates/s (obs {obs_dim}, {action_dim}-dim actions, batch {batch}, "
           f"replay sampling included; fused = {FLAGS.fused} updates per compiled call)")
@@ -417,7 +417,7 @@ flags.DEFINE_integer("hidden", 256, "seeds: MLP width")
 def seeds():
     """Vmapped multi-seed full-state SAC updates (the training loop's per-step device work)."""
     from agents import sac  # pylint: disable=g-import-not-at-top
-    from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
+    from flare_jax.data import replay as rp  # pylint: disable=g-import-not-at-top
     obs_dim, action_dim, batch = 24, 6, 256
     cfg = sac.SACConfig(encoder="state_full", hidden_dim=FLAGS.hidden, augmentation="none")
     rcfg = rp.ReplayConfig(capacity=100_000, frame_shape=(obs_dim,), action_shape=(action_dim,),
@@ -492,7 +492,7 @@ def _rainbow_update_case(key, batch: int, torso: str = "atari_flare", dtype: str
     FLOP count of that function on the plain conv lowering (cost analysis counts a chunked
     loop's body once)."""
     from agents import rainbow as rb  # pylint: disable=g-import-not-at-top
-    from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
+    from flare_jax.data import replay as rp  # pylint: disable=g-import-not-at-top
     spec = jax.ShapeDtypeStruct((4, 84, 84, 1), jnp.uint8)
     state = rb.init(key, spec, 6, rb.RainbowConfig(torso=torso, compute_dtype=dtype))
     obs = jax.random.randint(key, (batch,) + spec.shape, 0, 256).astype(jnp.uint8)
@@ -515,9 +515,9 @@ def rainbow():
     """Rainbow: update, PER at 1M, and the end-to-end loop on Pong."""
     from agents import rainbow as rb  # pylint: disable=g-import-not-at-top
     from agents import rainbow_train  # pylint: disable=g-import-not-at-top
-    from flare_jax import prioritized as per  # pylint: disable=g-import-not-at-top
-    from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
-    from flare_jax import sum_tree  # pylint: disable=g-import-not-at-top
+    from flare_jax.data import prioritized as per  # pylint: disable=g-import-not-at-top
+    from flare_jax.data import replay as rp  # pylint: disable=g-import-not-at-top
+    from flare_jax.data import sum_tree  # pylint: disable=g-import-not-at-top
     key = jax.random.PRNGKey(0)
     batch = 32
     peak_gflops, _ = matmul_peak_gflops(repeats=FLAGS.repeats)
@@ -658,7 +658,7 @@ def _rainbow_step_profile(key):
         jax.block_until_ready(state["carry"])
     run(260, n=0, random=True)     # past the sampler's minimum: the replay holds ~1,000 frames
     run(2)                         # compile the step with an update
-    hlo = stepper.lower_step(state["carry"], *env, n=1, random=False).compile().as_text()
+    hlo = stepper.lower(state["carry"], *env, n=1, random=False).compile().as_text()
     t = time.perf_counter()
     run(FLAGS.repeats * 4)
     step_ms = (time.perf_counter() - t) / (FLAGS.repeats * 4) * 1e3
@@ -896,7 +896,7 @@ def checkpoint():
     import tempfile  # pylint: disable=g-import-not-at-top
     from flare_jax import checkpoint as ck  # pylint: disable=g-import-not-at-top
     from flare_jax import loop  # pylint: disable=g-import-not-at-top
-    from flare_jax import replay as rp  # pylint: disable=g-import-not-at-top
+    from flare_jax.data import replay as rp  # pylint: disable=g-import-not-at-top
     name = FLAGS.checkpoint_cases[0]
     cls, cfg, spec = _checkpoint_case(name)
     trainer = cls(cfg, spec)

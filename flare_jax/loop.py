@@ -64,7 +64,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from flare_jax import checkpoint as ckpt_lib
 from flare_jax import config_flags
 from flare_jax import mesh as mesh_lib
-from flare_jax import replay as rp
+from flare_jax.data import replay as rp
 from flare_jax import video as video_lib
 from flare_jax.logging import Progress, RunLogger, write_command
 from flare_jax.runtime import RunDirLock, StallWatchdog, StopRequests
@@ -569,7 +569,7 @@ class Stepper:
             "learn": (per_device_learn, (c.agent, c.replay, c.key, P(), P()),
                       (c.agent, c.replay, c.key, P("seed"), P())),
         }[part]
-        # check_vma=False: the CPU conv's custom VJP (flare_jax.conv) returns gradients that
+        # check_vma=False: the CPU conv's custom VJP (flare_jax.cpu.conv) returns gradients that
         # vary over `data` for parameters that do not; the update averages them itself (pmean),
         # so the replication types are not tracked
         fn = jax.shard_map(fn, mesh=self.layout.mesh, in_specs=in_specs, out_specs=out_specs,
@@ -606,7 +606,7 @@ class Stepper:
                     lay.put_envs(first))
         return env_args, stop, np.int32(update_count), np.float32(progress)
 
-    def lower_step(self, carry: Carry, frame, reward, discount, first, *, n: int, random: bool):
+    def lower(self, carry: Carry, frame, reward, discount, first, *, n: int, random: bool):
         """The whole-step program (`step` without overlap) lowered for these arguments, e.g. to
         read its optimised HLO (`.compile().as_text()`); nothing runs, nothing is donated."""
         env_args, stop, count, progress = self._device_args(frame, reward, discount, first, False,

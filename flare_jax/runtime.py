@@ -1,7 +1,7 @@
 """Process set-up and process-level helpers for the entry points (launchers, tests, notebooks).
 
 `setup_process()` is the one explicit process set-up; importing `flare_jax` changes nothing:
-  * XLA CPU flags (`flare_jax.xla_cpu.configure`): convolutions on Eigen or YNNPACK, whichever
+  * XLA CPU flags (`flare_jax.cpu.xla_cpu.configure`): convolutions on Eigen or YNNPACK, whichever
     measured faster on this machine (measured once, cached); must run before JAX starts its
     backends;
   * MUJOCO_GL=egl (headless rendering), unless set;
@@ -54,7 +54,7 @@ def setup_process(reexec: str | None = None) -> dict:
     launcher's module name) the process may first be restarted under tcmalloc (see above), and a bad
     FLARE_JAX_CONV_BACKEND exits with status 2 and one line (else it raises ValueError).
     """
-    from flare_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+    from flare_jax.cpu import xla_cpu  # pylint: disable=g-import-not-at-top
     if reexec:
         reexec_with_tcmalloc(reexec)
     os.environ.setdefault("MUJOCO_GL", "egl")

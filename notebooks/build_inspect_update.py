@@ -48,8 +48,8 @@ import agents
 from agents import rainbow, rainbow_train, sac, sac_train
 from experiments import flow, presets
 from flare_jax import config_flags
-from flare_jax import prioritized as per
-from flare_jax import replay as rp
+from flare_jax.data import prioritized as per
+from flare_jax.data import replay as rp
 
 WORK = tempfile.mkdtemp(prefix="inspect_update_")
 print("jax", jax.__version__, jax.devices(), "runs in", WORK)"""),

@@ -20,8 +20,9 @@ import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from agents import rainbow, rainbow_train, sac, sac_train  # noqa: E402
-from flare_jax import config_flags, loop, mesh as mesh_lib, prioritized as per  # noqa: E402
-from flare_jax import replay as rp  # noqa: E402
+from flare_jax import config_flags, loop, mesh as mesh_lib  # noqa: E402
+from flare_jax.data import prioritized as per  # noqa: E402
+from flare_jax.data import replay as rp  # noqa: E402
 from flare_jax.loop import EnvSpec, RunConfig  # noqa: E402
 
 # Tolerance of a data-parallel update against the one-device update on the concatenated batch:

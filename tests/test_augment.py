@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flare_jax import augment
+from flare_jax.data import augment
 
 
 def _frames(b=64, t=3, h=100, c=3):

@@ -31,9 +31,9 @@ from absl import flags
 from agents import rainbow, sac
 from experiments import presets
 from flare_jax import config_flags
-from flare_jax import conv as fconv
+from flare_jax.cpu import conv as fconv
 from flare_jax.encoders import make_encoder
-from flare_jax.replay import Batch
+from flare_jax.data.replay import Batch
 
 KEY = jax.random.PRNGKey(0)
 REL = 5e-2

@@ -1,4 +1,4 @@
-"""The fast CPU convolution path (flare_jax.xla_cpu) computes lax.conv_general_dilated's function.
+"""The fast CPU convolution path (flare_jax.cpu.xla_cpu) computes lax.conv_general_dilated's function.
 
 Three independent checks, values and gradients, random inputs and parameters:
 1. the path is active: XLA compiles flare_jax's convs to Eigen, not to YNNPACK;
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flare_jax import xla_cpu
+from flare_jax.cpu import xla_cpu
 from flare_jax.encoders import make_encoder
 
 REL_TOL = 1e-5
@@ -86,7 +86,7 @@ _SUBPROCESS = textwrap.dedent("""
     from flare_jax.runtime import setup_process
     setup_process()
     import jax, jax.numpy as jnp
-    from flare_jax import xla_cpu
+    from flare_jax.cpu import xla_cpu
     from flare_jax.encoders import make_encoder
     enc = make_encoder("flare", feature_dim=16)
     x = jax.random.randint(jax.random.PRNGKey(1), (4, 3, 40, 40, 3), 0, 256).astype(jnp.uint8)
@@ -120,7 +120,7 @@ def test_flare_encoder_matches_xla_default_conv_path():
 
 # ---------------------------------------------------------------- the chunked conv stack
 
-from flare_jax import conv as fconv  # noqa: E402
+from flare_jax.cpu import conv as fconv  # noqa: E402
 
 
 def _stack_params(key, channels, kernels, cin):
@@ -185,7 +185,7 @@ def test_a_blocked_layer_is_the_strided_conv_and_its_backward_the_adjoint(size, 
 
 
 def test_full_batch_forward_only_pass_equals_the_chunks_and_leaves_gradients_alone(monkeypatch):
-    """forward="full" (flare_jax.xla_cpu.forward_mode): an undifferentiated stack is one
+    """forward="full" (flare_jax.cpu.xla_cpu.forward_mode): an undifferentiated stack is one
     full-batch pass with the chunks' values; differentiated, the chunks run (same gradients, bit
     for bit); a call whose parameters are frozen (stop_gradient, as SAC's target and frozen
     frames) inside a gradient also runs the one full-batch pass."""

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flare_jax import prioritized as per
-from flare_jax import replay as rp
+from flare_jax.data import prioritized as per
+from flare_jax.data import replay as rp
 
 
 def _config(capacity=40, num_envs=2, stack=4, n_step=3, uniform_mix=1e-3):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from agents import rainbow
-from flare_jax.replay import Batch
+from flare_jax.data.replay import Batch
 
 KEY = jax.random.PRNGKey(0)
 A = 6

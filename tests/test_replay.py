@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flare_jax import replay as rp
+from flare_jax.data import replay as rp
 
 
 def _stream(num_envs, steps, seed, p_end=0.15, p_life=0.0):

@@ -81,8 +81,8 @@ def test_importing_the_library_changes_no_environment_variable_and_no_jax_settin
         "import jax\n"
         "names = ('jax_enable_x64', 'jax_platforms', 'jax_default_matmul_precision', 'jax_num_cpu_devices')\n"
         "flags_before = {k: getattr(jax.config, k) for k in names}\n"
-        "import flare_jax, flare_jax.loop, flare_jax.checkpoint, flare_jax.replay, flare_jax.runtime\n"
-        "import flare_jax.envs.dmc, flare_jax.envs.atari, flare_jax.encoders, flare_jax.xla_cpu\n"
+        "import flare_jax, flare_jax.loop, flare_jax.checkpoint, flare_jax.data.replay, flare_jax.runtime\n"
+        "import flare_jax.envs.dmc, flare_jax.envs.atari, flare_jax.encoders, flare_jax.cpu.xla_cpu\n"
         "import agents, agents.sac, agents.sac_train, agents.rainbow, agents.rainbow_train\n"
         "import experiments.presets, experiments.cli, experiments.report\n"
         "changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}\n"
@@ -105,7 +105,7 @@ def test_setup_process_sets_the_xla_cpu_flag_and_mujoco_gl():
 # ------------------------------------------------ the CPU conv backend, measured once per machine
 
 _CHOICE = ("import json, os\nfrom flare_jax.runtime import setup_process\n"
-           "c = setup_process()['cpu_conv']\nfrom flare_jax import xla_cpu\n"
+           "c = setup_process()['cpu_conv']\nfrom flare_jax.cpu import xla_cpu\n"
            "print(json.dumps({'backend': c.backend, 'source': c.source, 'forward': c.forward, "
            "'forward_env': os.environ.get('FLARE_JAX_CONV_FORWARD'), "
            "'ynn': xla_cpu.conv_uses_ynnpack(), 'line': c.describe()}))\n")
@@ -129,7 +129,7 @@ def test_the_conv_backend_is_measured_once_then_read_from_the_cache_and_takes_ef
     a cached YNNPACK choice leaves XLA's default (convs compile to YNNPACK), Eigen routes them
     to Eigen."""
     import json
-    from flare_jax import xla_cpu
+    from flare_jax.cpu import xla_cpu
     first, err = _choice_in_fresh_process(tmp_path)
     assert first["source"] == "measured" and "measuring Eigen vs YNNPACK" in err
     cache = json.loads((tmp_path / "conv_backend.json").read_text())
@@ -179,7 +179,7 @@ def test_processes_that_start_together_wait_for_one_measurement(tmp_path, monkey
     import fcntl
     import json
     import threading
-    from flare_jax import xla_cpu
+    from flare_jax.cpu import xla_cpu
     monkeypatch.setenv("FLARE_JAX_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("FLARE_JAX_CONV_BACKEND", "measure")
     monkeypatch.setenv("XLA_FLAGS", "")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from agents import sac
-from flare_jax.replay import Batch
+from flare_jax.data.replay import Batch
 
 KEY = jax.random.PRNGKey(0)
 STORE, VIEW, A, B = 20, 24, 2, 8

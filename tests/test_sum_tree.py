@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flare_jax import sum_tree as st
+from flare_jax.data import sum_tree as st
 
 
 def test_root_is_the_sum_after_random_updates():

@@ -24,7 +24,7 @@ Array = jax.Array
 class _AtariTorso(nn.Module):
     num_frames: int = 4
     feature_dim: int = 256
-    conv_impl: str = "auto"     # see flare_jax.conv.conv_stack
+    conv_impl: str = "auto"     # see flare_jax.cpu.conv.conv_stack
     dtype: Any = jnp.float32    # compute dtype: "float32" or "bfloat16" (flare_jax.precision)
 
     frame_rank = 3

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flare_jax.conv import conv_stack
+from flare_jax.cpu.conv import conv_stack
 from flare_jax.precision import canonical_dtype, cast
 
 Array = jax.Array
@@ -101,7 +101,7 @@ class ConvStack(nn.Module):
     """VALID conv layers on [N, H, W, C] input, ReLU after each (optionally not the last).
 
     The input may be uint8 pixels: it is converted to float32 and multiplied by `scale` inside
-    (pixels: 1/255). Computed by `flare_jax.conv.conv_stack` (cache-sized batch chunks on CPU)
+    (pixels: 1/255). Computed by `flare_jax.cpu.conv.conv_stack` (cache-sized batch chunks on CPU)
     in `dtype` (output [N, h, w, filters[-1]] in `dtype`; parameters float32).
     """
     filters: Sequence[int]

@@ -13,7 +13,7 @@ encoders` prints both), but that is a measurement, not a rule, so `choose_backen
 
 * it times one cache-sized chunk of the DMC pixel trunk (16 frames of 108x108x3 uint8, four 3x3
   convs of 32 channels) and one of the Atari Flare trunk (128 frames of 84x84, 8x8/4x4/3x3),
-  forward and backward through `flare_jax.conv.conv_stack` (the path the agents run), under each
+  forward and backward through `flare_jax.cpu.conv.conv_stack` (the path the agents run), under each
   backend in its own subprocess (the flag must be set before JAX starts), and takes the faster;
 * the result is cached per machine (CPU model, its extensions, usable threads, jaxlib version) in
   `$FLARE_JAX_CACHE_DIR` (default `$XDG_CACHE_HOME/flare_jax` or `~/.cache/flare_jax`), file
@@ -22,7 +22,7 @@ encoders` prints both), but that is a measurement, not a rule, so `choose_backen
   measurement instead of measuring side by side;
 * the same subprocess of the faster backend also times the forward-only pass (an
   undifferentiated conv stack: SAC's target trunk and frozen frames, Rainbow's targets, acting)
-  as the chunks and as one full-batch pass (`forward_mode`, `flare_jax.conv`), and the faster goes
+  as the chunks and as one full-batch pass (`forward_mode`, `flare_jax.cpu.conv`), and the faster goes
   into FLARE_JAX_CONV_FORWARD (unless the user set it);
 * `FLARE_JAX_CONV_BACKEND=eigen|ynnpack` skips the measurement (tests pin `eigen`); `measure`
   (the default) measures or reads the cache; a user's own `--xla_cpu_experimental_ynn_fusion_type`
@@ -51,7 +51,7 @@ BACKENDS = ("eigen", "ynnpack")
 ENV_BACKEND = "FLARE_JAX_CONV_BACKEND"
 CHOICES = BACKENDS + ("measure",)
 _CACHE_FILE = "conv_backend.json"
-FORWARDS = ("chunked", "full")       # how an undifferentiated conv stack runs (flare_jax.conv)
+FORWARDS = ("chunked", "full")       # how an undifferentiated conv stack runs (flare_jax.cpu.conv)
 ENV_FORWARD = "FLARE_JAX_CONV_FORWARD"
 _CPU_EXTENSIONS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile",
                    "asimd", "sve")
@@ -200,7 +200,7 @@ def measure(repeats: int = 5, timeout_s: float = 300.0) -> dict[str, dict]:
     out = {}
     for backend in BACKENDS:
         proc = subprocess.run(
-            [sys.executable, "-m", "flare_jax.xla_cpu", "--measure", str(repeats), backend],
+            [sys.executable, "-m", "flare_jax.cpu.xla_cpu", "--measure", str(repeats), backend],
             env=_env_for(backend), capture_output=True, text=True, timeout=timeout_s, check=True)
         record = json.loads(proc.stdout.strip().splitlines()[-1])
         out[backend] = {"ms": float(record["ms"]),
@@ -224,7 +224,7 @@ def _measure_in_this_process(repeats: int) -> dict:
     128 frames and the Atari trunk's of 128, undifferentiated, per FORWARDS mode}}."""
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from flare_jax import conv  # pylint: disable=g-import-not-at-top
+    from flare_jax.cpu import conv  # pylint: disable=g-import-not-at-top
 
     cases = (((16, 108, 108, 3), (3, 3, 3, 3), (3, 32, 32, 32), (2, 1, 1, 1)),   # DMC pixels
              ((128, 84, 84, 1), (8, 4, 3), (1, 16, 32), (4, 2, 1)))             # Atari Flare
@@ -342,11 +342,11 @@ def conv_uses_ynnpack() -> bool:
 
 
 if __name__ == "__main__":
-    # python -m flare_jax.xla_cpu --measure REPEATS BACKEND: one backend's time (run by `measure`)
+    # python -m flare_jax.cpu.xla_cpu --measure REPEATS BACKEND: one backend's time (run by `measure`)
     if len(sys.argv) == 4 and sys.argv[1] == "--measure":
         if (sys.argv[3] == "eigen") != is_configured():
             sys.exit(f"XLA_FLAGS do not select {sys.argv[3]}")
         print(json.dumps(_measure_in_this_process(int(sys.argv[2]))))
     else:
-        # python -m flare_jax.xla_cpu: this machine's choice (measures if not cached)
+        # python -m flare_jax.cpu.xla_cpu: this machine's choice (measures if not cached)
         print(choose_backend().describe())

@@ -1,6 +1,6 @@
 """Frame stacks for acting: the newest T frames of each env, oldest first, kept on the device.
 
-The same episode-boundary rule as the replay (`flare_jax.replay`): when a frame starts an
+The same episode-boundary rule as the replay (`flare_jax.data.replay`): when a frame starts an
 episode, the stack is reset so that frames before it are copies of it (`pad="repeat_first"`,
 DMC/RAD) or zeros (`pad="zeros"`, Atari/DQN Zoo).
 """

@@ -37,7 +37,7 @@ frozen frames, Rainbow's targets, acting) runs its primal, which is either the s
 ("chunked") or one full-batch pass ("full", the plain lowering). Which is faster depends on the
 CPU (`bench encoders`, Flare forward of 384 frames: on a 2-core AMD EPYC with AVX-512 the
 full-batch Eigen forward ran 1.36x faster than the chunks; on the 2-core AVX2 EPYC runs gave
-0.90x-1.27x), so `flare_jax.xla_cpu` measures it
+0.90x-1.27x), so `flare_jax.cpu.xla_cpu` measures it
 per machine along with the conv backend and `setup_process()` puts the choice in
 FLARE_JAX_CONV_FORWARD (a process setting, like XLA_FLAGS; read when a conv stack is traced;
 default "chunked"). Both compute the same function; the backward pass is always chunked.
@@ -66,7 +66,7 @@ import numpy as np
 from jax import lax
 
 from flare_jax.precision import canonical_dtype, cast
-from flare_jax.xla_cpu import FORWARDS, forward_mode
+from flare_jax.cpu.xla_cpu import FORWARDS, forward_mode
 
 Array = jax.Array
 _DN = ("NHWC", "HWIO", "NHWC")

@@ -1,7 +1,7 @@
 """Prioritised replay on the device (Schaul et al. 2016, as in DQN Zoo's Rainbow).
 
-The frames, stacks and n-step returns come from `flare_jax.replay` (one frame per slot); this
-module adds two sum trees over its [E, S] slots (`flare_jax.sum_tree`):
+The frames, stacks and n-step returns come from `flare_jax.data.replay` (one frame per slot); this
+module adds two sum trees over its [E, S] slots (`flare_jax.data.sum_tree`):
 
 * `priorities`: leaf = priority ** alpha for slots holding a valid transition, 0 otherwise;
 * `valid`: leaf = 1 for valid slots, 0 otherwise (uniform draws over valid transitions and their
@@ -36,8 +36,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from flare_jax import mesh as mesh_lib
-from flare_jax import replay as rp
-from flare_jax import sum_tree
+from flare_jax.data import replay as rp
+from flare_jax.data import sum_tree
 
 Array = jax.Array
 
